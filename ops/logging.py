@@ -32,8 +32,9 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = _SECRET_PATTERNS[0].sub(r"\1\2***", text)
+    # Bearer first: the key pattern would otherwise consume the word "Bearer" and keep the token.
     text = _SECRET_PATTERNS[1].sub(r"\1***", text)
+    text = _SECRET_PATTERNS[0].sub(r"\1\2***", text)
     return _SECRET_PATTERNS[2].sub(r"\1***\3", text)
 
 

@@ -11,17 +11,13 @@ import asyncio
 import itertools
 import os
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-
-from ops.embedded import LOOPBACK, PG_USER, EmbeddedStack  # noqa: E402
-from ops.settings import Settings, load_settings  # noqa: E402
+from ops.embedded import LOOPBACK, PG_USER, EmbeddedStack
+from ops.settings import Settings, load_settings
 
 TEMPLATE_DB = "fintide_template"
 _db_counter = itertools.count()
