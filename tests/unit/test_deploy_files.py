@@ -77,8 +77,22 @@ DURATION = re.compile(r"^(\d+(ms|s|m|h))+$")
 # --- helpers -------------------------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys: PyYAML keeps the last one, compose refuses."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        # Checked before merging: a key set next to `<<: *anchor` may override the anchor's.
+        keys = [k.value for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        dupes = {k for k in keys if keys.count(k) > 1}
+        if dupes:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {dupes}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=_StrictLoader)
 
 
 def load_compose() -> dict[str, Any]:
@@ -131,16 +145,25 @@ def resolve(node: Any, env: dict[str, str]) -> Any:
     return node
 
 
-def variables(text: str) -> dict[str, str | None]:
-    """Every variable compose interpolates in `text`, with its operator (None if bare)."""
+def variables(node: Any) -> dict[str, str | None]:
+    """Every variable compose interpolates in a parsed file (values only, as compose does),
+    with its operator (None if bare)."""
     found: dict[str, str | None] = {}
-    for m in _TOKEN.finditer(text):
-        if m.group(2):
-            found.setdefault(m.group(2), None)
-        elif m.group(1) is not None:
-            parsed = _BRACED.match(m.group(1))
-            if parsed:
-                found[parsed.group(1)] = parsed.group(2)
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            for name, op in variables(item).items():
+                if found.get(name) is None:
+                    found[name] = op
+    elif isinstance(node, str):
+        for m in _TOKEN.finditer(node):
+            if m.group(2):
+                found.setdefault(m.group(2), None)
+            elif m.group(1) is not None:
+                parsed = _BRACED.match(m.group(1))
+                if parsed and found.get(parsed.group(1)) is None:
+                    found[parsed.group(1)] = parsed.group(2)
     return found
 
 
@@ -187,6 +210,7 @@ def url_host_port(url: str) -> tuple[str, int | None]:
 
 
 def compose_problems(doc: dict[str, Any]) -> list[str]:
+    """Problems in a compose file, parsed and interpolated."""
     problems: list[str] = []
     services: dict[str, Any] = doc.get("services") or {}
     if not services:
@@ -219,9 +243,10 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
             cond = spec.get("condition", "service_started")
             if cond not in ("service_started", "service_healthy", "service_completed_successfully"):
                 problems.append(f"{where}: depends_on {dep} has unknown condition {cond}")
-            if cond == "service_healthy" and not (services[dep].get("healthcheck") or {}).get("test"):
+            dep_svc = services[dep]
+            if cond == "service_healthy" and not (dep_svc.get("healthcheck") or {}).get("test"):
                 problems.append(f"{where}: waits for {dep} to be healthy but it has no healthcheck")
-            if cond == "service_completed_successfully" and services[dep].get("restart", "no") != "no":
+            if cond == "service_completed_successfully" and dep_svc.get("restart", "no") != "no":
                 problems.append(f"{where}: waits for {dep} to complete but {dep} restarts")
 
         replicas = (svc.get("deploy") or {}).get("replicas", 1)
@@ -296,8 +321,13 @@ def _app_problems(
     return problems
 
 
+def test_yaml_loader_rejects_duplicate_keys() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.load("a: 1\na: 2\n", Loader=_StrictLoader)
+
+
 def test_compose_is_valid() -> None:
-    assert compose_problems(load_compose()) == []
+    assert compose_problems(resolve(load_compose(), TEST_SECRETS)) == []
 
 
 def test_compose_env_is_real_settings() -> None:
@@ -335,14 +365,28 @@ def test_compose_topology() -> None:
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["postgres"]["image"].startswith("postgres:18")
     assert services["redis"]["image"].startswith("redis:7")
-    assert env_dict(services["worker"]["environment"])["FINTIDE_WORKER_WEB_PORT"] == str(WORKER_WEB_PORT)
+    worker_env = env_dict(services["worker"]["environment"])
+    assert worker_env["FINTIDE_WORKER_WEB_PORT"] == str(WORKER_WEB_PORT)
     # 18+ images keep data under /var/lib/postgresql/18/...: a mount at .../data is lost.
     assert any(_volume(v)[1] == "/var/lib/postgresql" for v in services["postgres"]["volumes"])
     # The app starts only once migrations ran.
     for name in ("api", "worker"):
-        assert _depends_on(services[name])["migrate"]["condition"] == "service_completed_successfully"
-        assert _depends_on(services[name])["kafka"]["condition"] == "service_healthy"
+        deps = _depends_on(services[name])
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["kafka"]["condition"] == "service_healthy"
     assert _depends_on(services["migrate"])["postgres"]["condition"] == "service_healthy"
+
+
+def test_api_trusts_exactly_the_proxy_network() -> None:
+    """Behind the proxy every peer is the proxy: without trusting its network, rate limits
+    would put all clients in one bucket; trusting more would let clients spoof addresses."""
+    doc = resolve(load_compose(), TEST_SECRETS)
+    subnets = [c["subnet"] for c in doc["networks"]["default"]["ipam"]["config"]]
+    api_env = env_dict(doc["services"]["api"]["environment"])
+    assert api_env["FINTIDE_TRUSTED_PROXIES"].split(",") == subnets
+    assert "proxy" in doc["services"] and "api" not in [
+        s for s, svc in doc["services"].items() if svc.get("ports")
+    ]
 
 
 def test_kafka_is_single_node_kraft() -> None:
@@ -369,7 +413,7 @@ def test_kafka_is_single_node_kraft() -> None:
 
 def test_every_compose_variable_is_documented() -> None:
     doc = DEPLOY_DOC.read_text()
-    for name, op in variables(COMPOSE.read_text()).items():
+    for name, op in variables(load_compose()).items():
         assert name in doc, f"${{{name}}} is not explained in docs/DEPLOY.md"
         if op in (":?", "?"):
             assert re.search(rf"\|\s*`{name}`\s*\|\s*yes", doc), f"{name} not marked required"
@@ -444,7 +488,7 @@ def test_compose_check_catches(mutation: str) -> None:
         if isinstance(svc.get("environment"), dict):
             svc["environment"] = dict(svc["environment"])
     COMPOSE_MUTATIONS[mutation](doc)
-    assert compose_problems(doc), f"{mutation} went unnoticed"
+    assert compose_problems(resolve(doc, TEST_SECRETS)), f"{mutation} went unnoticed"
 
 
 # --- healthchecks, run for real where they can be ------------------------------------------
@@ -472,7 +516,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize(("service", "port", "path"), [("api", API_PORT, "/health"), ("worker", WORKER_WEB_PORT, "/")])
+@pytest.mark.parametrize(
+    ("service", "port", "path"), [("api", API_PORT, "/health"), ("worker", WORKER_WEB_PORT, "/")]
+)
 def test_http_healthcheck_follows_status(service: str, port: int, path: str) -> None:
     code = _healthcheck_code(service)
     assert f"127.0.0.1:{port}{path}'" in code
@@ -537,7 +583,10 @@ def prometheus_problems(conf: dict[str, Any], services: dict[str, Any]) -> list[
             problems.append(f"{job}: metrics_path must be /metrics")
         sd = scrape.get("dns_sd_configs") or []
         # DNS discovery finds every replica; a static target would hit only one of them.
-        if not any(job in c.get("names", []) and c.get("port") == port and c.get("type", "SRV") == "A" for c in sd):
+        if not any(
+            job in c.get("names", []) and c.get("port") == port and c.get("type", "SRV") == "A"
+            for c in sd
+        ):
             problems.append(f"{job}: needs dns_sd_configs names [{job}], type A, port {port}")
         for c in sd:
             for dns_name in c.get("names", []):
@@ -557,7 +606,9 @@ def test_prometheus_scrapes_api_and_workers() -> None:
     "mutation",
     [
         lambda c: c["scrape_configs"].pop(0),
-        lambda c: c["scrape_configs"][1].update(dns_sd_configs=[], static_configs=[{"targets": ["worker:6066"]}]),
+        lambda c: c["scrape_configs"][1].update(
+            dns_sd_configs=[], static_configs=[{"targets": ["worker:6066"]}]
+        ),
         lambda c: c["scrape_configs"][0]["dns_sd_configs"][0].update(port=9000),
         lambda c: c["global"].update(scrape_interval="1m"),
     ],
@@ -595,7 +646,7 @@ def dashboard_problems(dash: dict[str, Any], datasource_uid: str) -> list[str]:
         for t in targets:
             expr = t["expr"]
             exprs.append(expr)
-            if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}") or expr.count("[") != expr.count("]"):
+            if any(expr.count(a) != expr.count(b) for a, b in ("()", "{}", "[]")):
                 problems.append(f"{where}: unbalanced brackets in {expr}")
             if "histogram_quantile" in expr and "_bucket" not in expr:
                 problems.append(f"{where}: histogram_quantile needs the _bucket series")
@@ -616,7 +667,8 @@ def litestar_metrics() -> dict[str, str]:
     prefix = config.PrometheusConfig().prefix
     source = Path(middleware.__file__).read_text()
     names = {}
-    for kind, suffix in (("requests", "_requests_total"), ("duration", "_request_duration_seconds")):
+    suffixes = (("requests", "_requests_total"), ("duration", "_request_duration_seconds"))
+    for kind, suffix in suffixes:
         assert f'f"{{self._config.prefix}}{suffix}"' in source, f"litestar no longer names {suffix}"
         names[kind] = prefix + suffix
     for label in ("method", "path", "status_code", "app_name"):
@@ -635,7 +687,8 @@ def test_grafana_datasource_and_provider() -> None:
     assert provider["type"] == "file"
     assert grafana_mounts["./ops/grafana/dashboards"] == provider["options"]["path"]
     for sub in ("datasources", "dashboards"):
-        assert grafana_mounts[f"./ops/grafana/provisioning/{sub}"] == f"/etc/grafana/provisioning/{sub}"
+        target = f"/etc/grafana/provisioning/{sub}"
+        assert grafana_mounts[f"./ops/grafana/provisioning/{sub}"] == target
     env = env_dict(services["grafana"]["environment"])
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
@@ -701,7 +754,8 @@ def dockerfile_problems(text: str) -> list[str]:
     problems = []
     if not all(args.split()[0] == "python:3.11-slim" for k, args in instrs if k == "FROM"):
         problems.append("every stage must be FROM python:3.11-slim")
-    if not any(k == "RUN" and re.search(r"pip install (--no-deps )?\.(\s|$)", a) for k, a in instrs):
+    pip_install = re.compile(r"pip install (--no-deps )?\.(\s|$)")
+    if not any(k == "RUN" and pip_install.search(a) for k, a in instrs):
         problems.append("the package is not installed with `pip install .`")
     users = [a for k, a in final if k == "USER"]
     if not users or users[-1].split(":")[0] in ("root", "0"):
@@ -769,13 +823,13 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_the_package_and_drops_local_state() -> None:
     import tomllib
 
-    patterns = [
-        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
-    ]
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     includes = project["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = [p.rstrip("*") for p in includes]
-    needed = ["pyproject.toml", "README.md", *(f"{p}/__init__.py" for p in packages), "ops/settings.py"]
+    needed = ["pyproject.toml", "README.md", "ops/settings.py"]
+    needed += [f"{p}/__init__.py" for p in packages]
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed by `pip install .`"
     for path in (".venv/bin/python", ".git/HEAD", ".fintide/data", ".env", "api/__pycache__/x.pyc"):
