@@ -36,6 +36,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_port: int = 0
 
     worker_web_port: int = 6066
+    # Containers bind 0.0.0.0 so Prometheus and other workers (table routing) can reach them.
+    worker_web_bind: str = "127.0.0.1"
+    # The host other workers use to reach this one; empty means the bind address, or the
+    # machine's hostname when bound to every interface.
+    worker_web_host: str = ""
     worker_id: str = "worker-1"
     app_id: str = "fintide"
     # A topic prefix gives tests isolated topics on one broker.
