@@ -25,6 +25,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from redis.asyncio import Redis
 
+from api import auth as identity_auth
 from api.health import health, ready
 from api.middleware import request_id_middleware
 from api.problems import EXCEPTION_HANDLERS
@@ -32,7 +33,7 @@ from api.resources import Resources, open_resources
 from ops.settings import Settings, load_settings
 
 # Service modules with REST/WebSocket routes; each adds itself here.
-API_MODULES: list[str] = []
+API_MODULES: list[str] = ["api.identity"]
 MAX_BODY_BYTES = 1 * 1024 * 1024
 CHANNELS_PREFIX = "fintide:channels"
 
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                                      ScalarRenderPlugin(path="/")]),
         request_max_body_size=MAX_BODY_BYTES,
         lifespan=[lifespan],
+        # JWT/API-key auth and the rate limits (api/auth.py, api/ratelimit.py).
+        on_app_init=[identity_auth.install(settings)],
         debug=False,
     )
     app.state.settings = settings

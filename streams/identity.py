@@ -1,0 +1,80 @@
+"""Events on `identity.events`: who was created, verified, logged in, changed role or KYC.
+
+Every value is a msgspec Struct tagged by `type` (e.g. "user.created") with a `version`,
+keyed by user id so one user's events stay in order. Events carry ids and states only,
+never emails, names, passwords or document numbers (consumers ask identity for those).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import msgspec
+
+TOPIC = "identity.events"
+
+
+class IdentityEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    event_id: uuid.UUID
+    occurred_at: datetime
+    user_id: uuid.UUID
+    version: int = 1
+
+
+class UserCreated(IdentityEvent, tag="user.created"):
+    kind: str  # "customer" | "platform"
+    email_address_id: uuid.UUID
+
+
+class UserVerified(IdentityEvent, tag="user.verified"):
+    # Which channels are verified after this change; `both` is the 003 "dual verification".
+    email: bool
+    phone: bool
+    both: bool
+
+
+class KycUpdated(IdentityEvent, tag="kyc.updated"):
+    status: str  # pending | approved | rejected
+    decided_by: uuid.UUID | None = None
+    reason: str | None = None
+
+
+class RoleChanged(IdentityEvent, tag="role.changed"):
+    roles: list[str]
+    granted: list[str]
+    revoked: list[str]
+    changed_by: uuid.UUID
+
+
+class LoginSucceeded(IdentityEvent, tag="auth.login"):
+    session_id: uuid.UUID
+    ip: str
+
+
+class LoginFailed(IdentityEvent, tag="auth.login_failed"):
+    # user_id is the nil UUID when the email matched no account.
+    ip: str
+    reason: str  # "credentials" | "throttled" | "disabled"
+
+
+class RefreshReused(IdentityEvent, tag="auth.refresh_reused"):
+    session_id: uuid.UUID
+
+
+Event = UserCreated | UserVerified | KycUpdated | RoleChanged | LoginSucceeded | LoginFailed | RefreshReused
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> Event:
+    return _decoder.decode(data)
+
+
+def event_type(event: Event) -> str:
+    return type(event).__struct_config__.tag  # type: ignore[return-value]

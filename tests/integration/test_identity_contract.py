@@ -1,0 +1,99 @@
+"""The contract other services code against: AuthUser, guards, register_and_login, WS auth."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from ops.settings import Settings
+from tests.helpers.auth import register_and_login
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        yield client
+
+
+async def test_register_and_login_gives_a_working_bearer_header(client: AsyncTestClient[Litestar]) -> None:
+    me = await register_and_login(client)
+    response = await client.get("/api/v1/users/me", headers=me.headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == str(me.user_id)
+    assert response.json()["roles"] == ["user"]
+
+
+async def test_register_and_login_grants_customer_and_staff_roles(client: AsyncTestClient[Litestar]) -> None:
+    trader = await register_and_login(client, roles=("trader",))
+    support = await register_and_login(client, roles=("support",))
+    trader_me = (await client.get("/api/v1/users/me", headers=trader.headers)).json()
+    support_me = (await client.get("/api/v1/users/me", headers=support.headers)).json()
+    assert trader_me["roles"] == ["trader", "user"] and trader_me["kind"] == "customer"
+    assert support_me["roles"] == ["support", "user"] and support_me["kind"] == "platform"
+
+
+# --- a probe router, mounted through API_MODULES, exercising the guards and the WS helper ---
+
+from typing import Any  # noqa: E402
+
+from litestar import Request, Router, WebSocket, get, websocket  # noqa: E402
+from litestar.exceptions import WebSocketDisconnect  # noqa: E402
+
+import api.app  # noqa: E402
+from api.auth import AuthUser, requires_roles  # noqa: E402
+from api.ws_auth import authenticate_websocket  # noqa: E402
+
+
+@get("/probe/trader", guards=[requires_roles("trader")], sync_to_thread=False)
+def trader_only(request: Request[AuthUser, Any, Any]) -> dict[str, Any]:
+    return {"id": str(request.user.id), "roles": sorted(request.user.roles)}
+
+
+@websocket("/probe/ws")
+async def ws_probe(socket: WebSocket[Any, Any, Any]) -> None:
+    user = await authenticate_websocket(socket)
+    await socket.accept()
+    await socket.send_json({"id": str(user.id), "same_as_scope": socket.user == user})
+    await socket.close()
+
+
+router = Router(path="/", route_handlers=[trader_only, ws_probe])
+
+
+@pytest.fixture
+async def probe_client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    monkeypatch.setattr(api.app, "API_MODULES", [*api.app.API_MODULES, __name__])
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        yield client
+
+
+async def test_requires_roles_lets_the_role_and_admin_through_and_refuses_others(
+        probe_client: AsyncTestClient[Litestar]) -> None:
+    plain = await register_and_login(probe_client)
+    trader = await register_and_login(probe_client, roles=("trader",))
+    admin = await register_and_login(probe_client, roles=("admin",))
+    assert (await probe_client.get("/probe/trader", headers=plain.headers)).status_code == 403
+    assert (await probe_client.get("/probe/trader", headers=trader.headers)).json()["id"] == str(trader.user_id)
+    assert (await probe_client.get("/probe/trader", headers=admin.headers)).status_code == 200
+    assert (await probe_client.get("/probe/trader")).status_code == 401
+
+
+async def test_websocket_accepts_a_query_or_cookie_token(probe_client: AsyncTestClient[Litestar]) -> None:
+    me = await register_and_login(probe_client)
+    with await probe_client.websocket_connect(f"/probe/ws?token={me.access_token}") as ws:
+        assert ws.receive_json() == {"id": str(me.user_id), "same_as_scope": True}
+    with await probe_client.websocket_connect("/probe/ws", cookies={"access_token": me.access_token}) as ws:
+        assert ws.receive_json()["id"] == str(me.user_id)
+
+
+async def test_websocket_without_a_valid_token_closes_with_4401(probe_client: AsyncTestClient[Litestar]) -> None:
+    for url in ("/probe/ws", "/probe/ws?token=not-a-jwt"):
+        with pytest.raises(WebSocketDisconnect) as closed:
+            with await probe_client.websocket_connect(url) as ws:
+                ws.receive_json()
+        assert closed.value.code == 4401
+        assert "unauthorized" in closed.value.detail
