@@ -27,7 +27,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from api.problems import Problem
 from db import identity as db
 from services import identity_events as ev
-from services.identity_common import NIL_UUID, IdentityContext, keyed_hash, redis_text, sha256, utcnow
+from services.identity_common import (NIL_UUID, IdentityContext, incr_window, keyed_hash, redis_text, sha256,
+                                      utcnow)
 from streams import identity as events
 
 log = logging.getLogger("fintide.identity.auth")
@@ -188,11 +189,9 @@ async def _check_throttle(ctx: IdentityContext, email: str, ip: str) -> None:
 
 
 async def _count_failure(ctx: IdentityContext, email: str, ip: str) -> None:
-    pipe = ctx.redis.pipeline()
     for key in _fail_keys(ctx, email, ip):
-        # The window starts at the first failure (NX), so steady guessing cannot extend it.
-        pipe.incr(key).expire(key, LOGIN_WINDOW_S, nx=True)
-    await pipe.execute()
+        # The window starts at the first failure, so steady guessing cannot extend it.
+        await incr_window(ctx.redis, key, LOGIN_WINDOW_S)
 
 
 # --- login, refresh, logout -------------------------------------------------------------

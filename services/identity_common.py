@@ -86,6 +86,20 @@ def sha256(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
+# INCR with a fixed window that starts at the first hit (EXPIRE NX needs Redis 7; we ship 6.2).
+_INCR_WINDOW_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('TTL', KEYS[1])}
+"""
+
+
+async def incr_window(redis: Redis, key: str, window_s: int) -> tuple[int, int]:
+    """Count one hit in a fixed window; return (hits so far, seconds until the window ends)."""
+    count, ttl = await redis.eval(_INCR_WINDOW_LUA, 1, key, window_s)
+    return int(count), int(ttl)
+
+
 def redis_text(value: bytes | str | None) -> str | None:
     if value is None:
         return None

@@ -8,6 +8,7 @@ the rows stay in the outbox and are logged, so nothing is lost while Kafka is aw
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 
 from db import identity as db
 from db.identity import Queryable
-from services.identity_common import IdentityContext, utcnow
+from services.identity_common import IdentityContext
 from streams import identity as events
 
 log = logging.getLogger("fintide.identity.events")
@@ -23,11 +24,11 @@ RELAY_BATCH = 100
 
 
 def new_meta(user_id: uuid.UUID) -> dict[str, Any]:
-    return {"event_id": uuid.uuid4(), "occurred_at": utcnow(), "user_id": user_id}
+    return {"id": str(uuid.uuid4()), "ts_ms": time.time_ns() // 1_000_000, "user_id": user_id}
 
 
 async def record(conn: Queryable, event: events.Event) -> None:
-    await db.insert_outbox(conn, event_id=event.event_id, type_=events.event_type(event),
+    await db.insert_outbox(conn, event_id=uuid.UUID(event.id), type_=events.event_type(event),
                            key=str(event.user_id), payload=msgspec.to_builtins(event))
 
 

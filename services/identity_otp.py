@@ -19,7 +19,7 @@ import msgspec
 from api.problems import Problem
 from db import identity as db
 from services import identity_events as ev
-from services.identity_common import IdentityContext, keyed_hash, redis_text
+from services.identity_common import IdentityContext, incr_window, keyed_hash, redis_text
 from services.notify import DeliveryError, Message, Notifier
 from streams import identity as events
 
@@ -85,10 +85,8 @@ async def _reserve_send(ctx: IdentityContext, cooldown_key: str, sends_key: str)
         wait = await ctx.redis.ttl(cooldown_key)
         raise Problem(429, "otp-cooldown", "A code was sent moments ago; wait before asking again.",
                       headers={"Retry-After": str(max(int(wait), 1))})
-    pipe = ctx.redis.pipeline(transaction=True)
-    pipe.incr(sends_key).expire(sends_key, 3600, nx=True).ttl(sends_key)
-    sends, _, ttl = await pipe.execute()
-    if int(sends) > MAX_SENDS_PER_HOUR:
+    sends, ttl = await incr_window(ctx.redis, sends_key, 3600)
+    if sends > MAX_SENDS_PER_HOUR:
         raise Problem(429, "otp-send-limit", "Too many codes requested; try again later.",
                       headers={"Retry-After": str(max(int(ttl), 1))})
 
