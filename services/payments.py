@@ -46,6 +46,7 @@ from db.payments import (
     system_account_id,
 )
 from services import payments_events as events
+from services.gateway import PaymentGateway, WebhookEvent
 from services.money import MAX_AMOUNT_MINOR, CURRENCY_EXPONENTS
 
 # Bounds (TigerBeetle style): every batch, page and timeout has a limit.
@@ -768,6 +769,96 @@ async def fail_deposit(conn: asyncpg.Connection, deposit_id: UUID, *, reason: st
             return deposit
         return await db.resolve_deposit(conn, deposit_id, "failed", gateway_ref=gateway_ref, transaction_id=None,
                                         failure_reason=reason[:200])
+
+
+class DepositDeclined(PaymentsError):
+    status = 402
+    slug = "payment-declined"
+
+
+async def deposit_via_gateway(pool: asyncpg.Pool, gateway: PaymentGateway, *, deposit_id: UUID, owner_id: UUID,
+                              wallet_id: UUID, amount_minor: int, currency: str, payment_method: str) -> Deposit:
+    """Charge through the gateway and credit the wallet when it succeeds.
+
+    Three steps, none holding a database transaction across the network call: record the
+    pending deposit, create the gateway intent (keyed by deposit_id, so a retry of this
+    whole function reuses the same intent), then settle or fail. A gateway that answers
+    "pending" settles later through its webhook (apply_gateway_event). Safe to call again
+    with the same deposit_id after any crash.
+    """
+    if not 1 <= len(payment_method) <= 100:
+        raise InvalidRequest("payment_method must be 1 to 100 characters", field="payment_method")
+    async with pool.acquire() as conn:
+        deposit = await begin_deposit(conn, deposit_id=deposit_id, owner_id=owner_id, wallet_id=wallet_id,
+                                      amount_minor=amount_minor, currency=currency, gateway=gateway.name)
+    if deposit.status == "pending":
+        intent = await gateway.create_deposit_intent(intent_id=deposit_id, amount_minor=amount_minor,
+                                                     currency=currency, payment_method=payment_method)
+        async with pool.acquire() as conn:
+            if intent.status == "succeeded":
+                deposit = await settle_deposit(conn, deposit_id, gateway_ref=intent.gateway_ref)
+            elif intent.status == "failed":
+                deposit = await fail_deposit(conn, deposit_id, reason=intent.failure_reason or "declined",
+                                             gateway_ref=intent.gateway_ref)
+            else:
+                await db.set_deposit_ref(conn, deposit_id, intent.gateway_ref)
+                deposit = await db.get_deposit(conn, deposit_id) or deposit
+    if deposit.status == "failed":
+        raise DepositDeclined(f"the gateway declined the deposit: {deposit.failure_reason}", deposit_id=str(deposit_id))
+    return deposit
+
+
+async def payout_via_gateway(pool: asyncpg.Pool, gateway: PaymentGateway, *, payout_id: UUID, owner_id: UUID,
+                             wallet_id: UUID, amount_minor: int, currency: str, destination: str,
+                             fee_minor: int = 0) -> Payout:
+    """Debit the wallet, ask the gateway to pay out, then settle or reverse (or wait for its webhook)."""
+    async with pool.acquire() as conn:
+        payout = await create_payout(conn, payout_id=payout_id, owner_id=owner_id, wallet_id=wallet_id,
+                                     amount_minor=amount_minor, currency=currency, destination=destination,
+                                     gateway=gateway.name, fee_minor=fee_minor)
+    if payout.status != "pending":
+        return payout
+    result = await gateway.create_payout(payout_id=payout_id, amount_minor=amount_minor, currency=currency,
+                                         destination=destination)
+    async with pool.acquire() as conn:
+        if result.status == "paid":
+            return await settle_payout(conn, payout_id, gateway_ref=result.gateway_ref)
+        if result.status == "failed":
+            return await fail_payout(conn, payout_id, reason=result.failure_reason or "failed",
+                                     gateway_ref=result.gateway_ref)
+        await db.set_payout_ref(conn, payout_id, result.gateway_ref)
+        found = await db.get_payout(conn, payout_id)
+        assert found is not None
+        return found
+
+
+async def apply_gateway_event(conn: asyncpg.Connection, gateway_name: str, event: WebhookEvent) -> str:
+    """Apply a verified webhook once: 'applied', 'duplicate' (event id seen) or 'ignored'.
+
+    The event id is recorded in the same transaction as its effect, so a replayed or
+    redelivered event can never apply twice.
+    """
+    async with conn.transaction():
+        inserted = await conn.fetchval(
+            "INSERT INTO payments.gateway_events (gateway, event_id, type, payload) VALUES ($1, $2, $3, $4::text::jsonb) "
+            "ON CONFLICT DO NOTHING RETURNING true", gateway_name, event.id, event.type,
+            msgspec.json.encode(event).decode())
+        if not inserted:
+            return "duplicate"
+        if event.type == "ignored" or event.reference_id is None:
+            return "ignored"
+        ref = event.reference_id
+        if event.type == "deposit.succeeded" and await db.get_deposit(conn, ref):
+            await settle_deposit(conn, ref, gateway_ref=event.gateway_ref)
+        elif event.type == "deposit.failed" and await db.get_deposit(conn, ref):
+            await fail_deposit(conn, ref, reason=event.failure_reason or "declined", gateway_ref=event.gateway_ref)
+        elif event.type == "payout.paid" and await db.get_payout(conn, ref):
+            await settle_payout(conn, ref, gateway_ref=event.gateway_ref)
+        elif event.type == "payout.failed" and await db.get_payout(conn, ref):
+            await fail_payout(conn, ref, reason=event.failure_reason or "failed", gateway_ref=event.gateway_ref)
+        else:
+            return "ignored"
+    return "applied"
 
 
 # --------------------------------------------------------------------------------- payouts
