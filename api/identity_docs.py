@@ -39,6 +39,7 @@ _DESCRIPTIONS = {
     413: "Request body too large",
     422: "Validation failed; see `errors`",
     429: "Rate limited; see Retry-After",
+    503: "A dependency (e.g. the SMS/email provider) is unavailable",
 }
 
 

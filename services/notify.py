@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.message import EmailMessage
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
@@ -66,6 +66,7 @@ class DeliveryError(RuntimeError):
     """The provider refused or could not be reached; the message was not sent."""
 
 
+@runtime_checkable
 class Notifier(Protocol):
     async def send(self, message: Message) -> None: ...
 
