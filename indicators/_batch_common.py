@@ -37,7 +37,7 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def begin_index1(a: np.ndarray) -> int:
     """First bar where ``a`` is not NaN, else the last bar (TA-Lib wrapper rule)."""
     n = a.shape[0]
@@ -47,7 +47,7 @@ def begin_index1(a: np.ndarray) -> int:
     return n - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def begin_index2(a: np.ndarray, b: np.ndarray) -> int:
     """First bar where both inputs are non-NaN, else the last bar."""
     n = a.shape[0]
@@ -57,7 +57,7 @@ def begin_index2(a: np.ndarray, b: np.ndarray) -> int:
     return n - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def begin_index3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> int:
     """First bar where all three inputs are non-NaN, else the last bar."""
     n = a.shape[0]
@@ -67,7 +67,7 @@ def begin_index3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> int:
     return n - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def begin_index4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> int:
     """First bar where all four inputs are non-NaN, else the last bar."""
     n = a.shape[0]
@@ -77,7 +77,7 @@ def begin_index4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> 
     return n - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def nan_output(n: int, nan_count: int) -> np.ndarray:
     """An output of ``n`` bars whose first ``nan_count`` are NaN, the rest unset."""
     out = np.empty(n)

@@ -28,7 +28,7 @@ MA_DISABLED = 10
 # --- moving averages -----------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sma_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     """Running-sum SMA; a NaN entering the sum stays in it, as in TA-Lib."""
     lookback = period - 1
@@ -36,16 +36,16 @@ def sma_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     if period > 1:
         for i in range(lookback):
             total += x[i]
-    trailing = 0
-    for i in range(lookback, x.shape[0]):
-        total += x[i]
+    head = x[lookback:]
+    dst = out[lookback:]
+    for k in range(head.shape[0]):
+        total += head[k]
         value = total
-        total -= x[trailing]
-        trailing += 1
-        out[i] = value / period
+        total -= x[k]
+        dst[k] = value / period
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     """EMA seeded with the SMA of the first ``period`` bars, k = 2 / (period + 1)."""
     n = x.shape[0]
@@ -53,18 +53,20 @@ def ema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         for i in range(n):
             out[i] = x[i]
         return
-    k = 2.0 / (period + 1)
+    alpha = 2.0 / (period + 1)
     total = 0.0
     for i in range(period):
         total += x[i]
     prev = total / period
     out[period - 1] = prev
-    for i in range(period, n):
-        prev = fma(x[i] - prev, k, prev)
-        out[i] = prev
+    src = x[period:]
+    dst = out[period:]
+    for k in range(src.shape[0]):
+        prev = fma(src[k] - prev, alpha, prev)
+        dst[k] = prev
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def wma_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     """Linearly weighted MA with TA-Lib's running sums, rebuilt every 8*period bars.
 
@@ -86,9 +88,10 @@ def wma_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         period_sum += value * (i + 1)
     bars_since_reseed = 8 * period
     trailing_value = 0.0
-    trailing = 0
-    for i in range(lookback, n):
-        value = x[i]
+    head = x[lookback:]
+    dst = out[lookback:]
+    for k in range(head.shape[0]):
+        value = head[k]
         period_sub += value
         period_sub -= trailing_value
         period_sum += value * period
@@ -98,21 +101,24 @@ def wma_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
             period_sub = 0.0
             period_sum = 0.0
             weight = 1
-            for j in range(i - lookback, i + 1):
+            for j in range(k, k + period):
                 value = x[j]
                 period_sub += value
                 period_sum += value * weight
                 weight += 1
-        trailing_value = x[trailing]
-        trailing += 1
-        out[i] = period_sum / divider
+        trailing_value = x[k]
+        dst[k] = period_sum / divider
         period_sum -= period_sub
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     """DEMA = 2*EMA - EMA(EMA), both EMAs advanced in lockstep as TA-Lib does."""
     n = x.shape[0]
+    if period == 1:
+        for i in range(n):
+            out[i] = x[i]
+        return
     lookback_ema = period - 1
     start = 2 * lookback_ema
     k = 2.0 / (period + 1)
@@ -137,14 +143,15 @@ def dema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         ema2 = fma(ema1 - ema2, k, ema2)
         today += 1
     out[start] = (2.0 * ema1) - ema2
-    while today < n:
-        ema1 = fma(x[today] - ema1, k, ema1)
+    src = x[start + 1:]
+    dst = out[start + 1:]
+    for j in range(src.shape[0]):
+        ema1 = fma(src[j] - ema1, k, ema1)
         ema2 = fma(ema1 - ema2, k, ema2)
-        out[today] = (2.0 * ema1) - ema2
-        today += 1
+        dst[j] = (2.0 * ema1) - ema2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def tema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
     """TEMA = 3*EMA1 - 3*EMA2 + EMA3 with TA-Lib's seeding and grouping."""
     n = x.shape[0]
@@ -189,15 +196,16 @@ def tema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         ema3 = fma(ema2 - ema3, k, ema3)
         today += 1
     out[start] = ema3 + ((3.0 * ema1) - (3.0 * ema2))
-    while today < n:
-        ema1 = fma(x[today] - ema1, k, ema1)
+    src = x[start + 1:]
+    dst = out[start + 1:]
+    for j in range(src.shape[0]):
+        ema1 = fma(src[j] - ema1, k, ema1)
         ema2 = fma(ema1 - ema2, k, ema2)
         ema3 = fma(ema2 - ema3, k, ema3)
-        out[today] = ema3 + ((3.0 * ema1) - (3.0 * ema2))
-        today += 1
+        dst[j] = ema3 + ((3.0 * ema1) - (3.0 * ema2))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ma_lookback(period: int, matype: int) -> int:
     """TA_MA_Lookback for the supported MA types (period 1 is always the identity)."""
     if period <= 1 or matype == MA_DISABLED:
@@ -209,7 +217,7 @@ def ma_lookback(period: int, matype: int) -> int:
     return period - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ma_into(x: np.ndarray, period: int, matype: int, out: np.ndarray) -> None:
     """TA_MA: identity copy for period 1 or MA_DISABLED, else the MA's own kernel."""
     if ma_lookback(period, matype) >= x.shape[0]:
@@ -232,7 +240,7 @@ def ma_into(x: np.ndarray, period: int, matype: int, out: np.ndarray) -> None:
 # --- variance / standard deviation --------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _window_sums(x: np.ndarray, first: int, last: int, shift: float) -> tuple[float, float]:
     """Sum of (x - shift) and of its square over ``x[first..last]``."""
     total1 = 0.0
@@ -244,160 +252,172 @@ def _window_sums(x: np.ndarray, first: int, last: int, shift: float) -> tuple[fl
     return total1, total2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _reseed(x: np.ndarray, first: int, period: int,
+            inv_period: float) -> tuple[float, float, float, float]:
+    """Re-anchor the variance sums on the window starting at ``first``.
+
+    Returns the new shift (the window mean), the running sums with the window's first
+    bar already removed (ready for the next bar), and the window's variance, floored
+    to 0 when it is below 1e-12 of the mean squared deviation (pure rounding noise).
+    """
+    last = first + period - 1
+    window_total = 0.0
+    for j in range(first, last + 1):
+        window_total += x[j]
+    shift = window_total * inv_period
+    total1, total2 = _window_sums(x, first, last, shift)
+    mean = total1 * inv_period
+    variance = total2 * inv_period - mean * mean
+    if variance < 0.000000000001 * (total2 * inv_period):
+        variance = 0.0
+    dev = x[first] - shift
+    total1 -= dev
+    total2 -= dev * dev
+    return shift, total1, total2, variance
+
+
+@njit(cache=True, error_model="numpy")
 def var_into(x: np.ndarray, period: int, start: int, out: np.ndarray) -> None:
     """Population variance from ``start`` on, with TA-Lib 0.8's shifted sums.
 
     Deviations are taken from a shift near the window so the running sums stay at
-    variance scale; the shift is re-anchored on cancellation, on a large outlier
-    leaving, or every 32*period bars. Where the series starts matters: the shift and
-    the rebuild schedule are counted from ``start``, as in TA_VAR(startIdx, ...).
+    variance scale; the shift is re-anchored on cancellation (variance below 1e-6 of
+    the mean squared deviation), on a large outlier leaving, or every 32*period bars.
+    Where the series starts matters: the shift and the rebuild schedule are counted
+    from ``start``, as in TA_VAR(startIdx, ...).
     """
     lookback = period - 1
     start = max(start, lookback)
     inv_period = 1.0 / period
-    trailing = start - lookback
-    shift = x[trailing]
-    total1, total2 = _window_sums(x, trailing, start - 1, shift)
+    shift = x[start - lookback]
+    total1, total2 = _window_sums(x, start - lookback, start - 1, shift)
     bars_since_reseed = 32 * period
-    for i in range(start, x.shape[0]):
-        dev = x[i] - shift
+    head = x[start:]
+    tail = x[start - lookback:]
+    dst = out[start:]
+    for k in range(head.shape[0]):
+        dev = head[k] - shift
         total1 += dev
         total2 += dev * dev
         mean = total1 * inv_period
         variance = total2 * inv_period - mean * mean
-        dev = x[trailing] - shift
+        dev = tail[k] - shift
         total1 -= dev
         dev *= dev
         total2 -= dev
-        trailing += 1
         bars_since_reseed -= 1
         if (variance < 0.000001 * (total2 * inv_period) or dev > 1000000.0 * total2
                 or bars_since_reseed <= 0):
             bars_since_reseed = 32 * period
-            first = i - lookback
-            window_total = 0.0
-            for j in range(first, i + 1):
-                window_total += x[j]
-            shift = window_total * inv_period
-            total1, total2 = _window_sums(x, first, i, shift)
-            mean = total1 * inv_period
-            variance = total2 * inv_period - mean * mean
-            if variance < 0.000000000001 * (total2 * inv_period):
-                variance = 0.0
-            dev = x[first] - shift
-            total1 -= dev
-            total2 -= dev * dev
-        out[i] = variance
+            shift, total1, total2, variance = _reseed(x, start - lookback + k, period,
+                                                      inv_period)
+        dst[k] = variance
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def stddev_into(x: np.ndarray, period: int, nbdev: float, start: int,
                 out: np.ndarray) -> None:
     """TA_STDDEV: square root of ``var_into`` (times ``nbdev`` unless it is 1)."""
     var_into(x, period, start, out)
-    for i in range(max(start, period - 1), x.shape[0]):
-        if nbdev != 1.0:
-            out[i] = math.sqrt(out[i]) * nbdev
-        else:
-            out[i] = math.sqrt(out[i])
+    # Two branch-free loops so LLVM vectorises the square roots.
+    values = out[max(start, period - 1):]
+    if nbdev != 1.0:
+        for i in range(values.shape[0]):
+            values[i] = math.sqrt(values[i]) * nbdev
+    else:
+        for i in range(values.shape[0]):
+            values[i] = math.sqrt(values[i])
 
 
 # --- Bollinger Bands -----------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bbands_sma_into(x: np.ndarray, period: int, middle: np.ndarray,
-                     deviation: np.ndarray) -> None:
-    """TA-Lib's fused SMA-path pass: running SMA sum plus the shifted variance."""
+                     variance_out: np.ndarray) -> None:
+    """TA-Lib's fused SMA-path pass: the running SMA sum plus ``var_into``'s variance."""
     lookback = period - 1
     inv_period = 1.0 / period
-    trailing = 0
     shift = x[0]
     ma_total = 0.0
-    total1 = 0.0
-    total2 = 0.0
     for j in range(lookback):
         ma_total += x[j]
-        dev = x[j] - shift
-        total1 += dev
-        total2 += dev * dev
+    total1, total2 = _window_sums(x, 0, lookback - 1, shift)
     bars_since_reseed = 32 * period
-    for i in range(lookback, x.shape[0]):
-        ma_total += x[i]
-        dev = x[i] - shift
+    head = x[lookback:]
+    mid = middle[lookback:]
+    dst = variance_out[lookback:]
+    for k in range(head.shape[0]):
+        value = head[k]
+        ma_total += value
+        dev = value - shift
         total1 += dev
         total2 += dev * dev
         mean = total1 * inv_period
         variance = total2 * inv_period - mean * mean
-        middle[i] = ma_total / period
-        ma_total -= x[trailing]
-        dev = x[trailing] - shift
+        mid[k] = ma_total / period
+        value = x[k]
+        ma_total -= value
+        dev = value - shift
         total1 -= dev
         dev *= dev
         total2 -= dev
-        trailing += 1
         bars_since_reseed -= 1
         if (variance < 0.000001 * (total2 * inv_period) or dev > 1000000.0 * total2
                 or bars_since_reseed <= 0):
             bars_since_reseed = 32 * period
-            first = i - lookback
-            window_total = 0.0
-            for j in range(first, i + 1):
-                window_total += x[j]
-            shift = window_total * inv_period
-            total1, total2 = _window_sums(x, first, i, shift)
-            mean = total1 * inv_period
-            variance = total2 * inv_period - mean * mean
-            if variance < 0.000000000001 * (total2 * inv_period):
-                variance = 0.0
-            dev = x[first] - shift
-            total1 -= dev
-            total2 -= dev * dev
-        deviation[i] = math.sqrt(variance) if variance != 0.0 else 0.0
+            shift, total1, total2, variance = _reseed(x, k, period, inv_period)
+        dst[k] = variance
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bbands_lookback(period: int, matype: int) -> int:
     """max(MA lookback, STDDEV lookback), TA-Lib 0.8's honest BBANDS lookback."""
     return max(ma_lookback(period, matype), period - 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bbands_into(x: np.ndarray, period: int, nbdevup: float, nbdevdn: float,
                 matype: int, upper: np.ndarray, middle: np.ndarray,
                 lower: np.ndarray) -> None:
-    """Middle band = MA, bands = middle +/- nbdev * population stddev."""
-    n = x.shape[0]
+    """Middle band = MA, bands = middle +/- nbdev * population stddev.
+
+    ``lower`` holds the variance until the last loop turns it into the band, so
+    nothing is allocated. The variance is never -0.0, so the unconditional square
+    root equals TA-Lib's ``variance != 0 ? sqrt(variance) : 0``.
+    """
     lookback = bbands_lookback(period, matype)
-    if lookback >= n:
+    if lookback >= x.shape[0]:
         return
-    deviation = np.empty(n)
     if matype == MA_SMA:
-        _bbands_sma_into(x, period, middle, deviation)
+        _bbands_sma_into(x, period, middle, lower)
     else:
         ma_into(x, period, matype, middle)
-        stddev_into(x, period, 1.0, ma_lookback(period, matype), deviation)
-        for i in range(lookback):
-            # an identity MA starts before the deviation does; keep the NaN prefix
-            middle[i] = np.nan
+        var_into(x, period, ma_lookback(period, matype), lower)
+        # an identity MA starts before the deviation does; keep the NaN prefix
+        middle[:lookback] = np.nan
+    mids = middle[lookback:]
+    ups = upper[lookback:]
+    lows = lower[lookback:]
     if nbdevup == nbdevdn:
-        for i in range(lookback, n):
-            width = deviation[i] * nbdevup
-            mid = middle[i]
-            upper[i] = mid + width
-            lower[i] = mid - width
+        for k in range(mids.shape[0]):
+            width = math.sqrt(lows[k]) * nbdevup
+            mid = mids[k]
+            ups[k] = mid + width
+            lows[k] = mid - width
     else:
-        for i in range(lookback, n):
-            mid = middle[i]
-            upper[i] = fma(deviation[i], nbdevup, mid)
-            lower[i] = mid - (deviation[i] * nbdevdn)
+        for k in range(mids.shape[0]):
+            deviation = math.sqrt(lows[k])
+            mid = mids[k]
+            ups[k] = fma(deviation, nbdevup, mid)
+            lows[k] = mid - (deviation * nbdevdn)
 
 
 # --- Parabolic SAR -----------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: float,
              out: np.ndarray) -> None:
     """Wilder's SAR with TA-Lib's bootstrap.
@@ -406,7 +426,6 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
     the high rose, long otherwise (ties are long). The first SAR is bar 0's low (long)
     or high (short); the extreme point starts at bar 1's high (long) or low (short).
     """
-    n = high.shape[0]
     af = acceleration
     if af > maximum:
         af = acceleration = maximum
@@ -422,11 +441,14 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
         sar = high[0]
     new_low = low[1]
     new_high = high[1]
-    for today in range(1, n):
+    highs = high[1:]
+    lows = low[1:]
+    dst = out[1:]
+    for k in range(highs.shape[0]):
         prev_low = new_low
         prev_high = new_high
-        new_low = low[today]
-        new_high = high[today]
+        new_low = lows[k]
+        new_high = highs[k]
         if is_long:
             if new_low <= sar:
                 is_long = False
@@ -435,7 +457,7 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
                     sar = prev_high
                 if sar < new_high:
                     sar = new_high
-                out[today] = sar
+                dst[k] = sar
                 af = acceleration
                 ep = new_low
                 sar = fma(af, ep - sar, sar)
@@ -444,7 +466,7 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
                 if sar < new_high:
                     sar = new_high
             else:
-                out[today] = sar
+                dst[k] = sar
                 if new_high > ep:
                     ep = new_high
                     af += acceleration
@@ -463,7 +485,7 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
                     sar = prev_low
                 if sar > new_low:
                     sar = new_low
-                out[today] = sar
+                dst[k] = sar
                 af = acceleration
                 ep = new_high
                 sar = fma(af, ep - sar, sar)
@@ -472,7 +494,7 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
                 if sar > new_low:
                     sar = new_low
             else:
-                out[today] = sar
+                dst[k] = sar
                 if new_low < ep:
                     ep = new_low
                     af += acceleration
@@ -488,7 +510,7 @@ def sar_into(high: np.ndarray, low: np.ndarray, acceleration: float, maximum: fl
 # --- public kernels (wrapper NaN prefix + core) ------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sma(real: np.ndarray, period: int) -> np.ndarray:
     """TA_SMA over ``real`` with the wrapper's leading-NaN handling."""
     n = real.shape[0]
@@ -500,7 +522,7 @@ def sma(real: np.ndarray, period: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ema(real: np.ndarray, period: int) -> np.ndarray:
     """TA_EMA."""
     n = real.shape[0]
@@ -512,7 +534,7 @@ def ema(real: np.ndarray, period: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def wma(real: np.ndarray, period: int) -> np.ndarray:
     """TA_WMA."""
     n = real.shape[0]
@@ -524,7 +546,7 @@ def wma(real: np.ndarray, period: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dema(real: np.ndarray, period: int) -> np.ndarray:
     """TA_DEMA."""
     n = real.shape[0]
@@ -536,7 +558,7 @@ def dema(real: np.ndarray, period: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def tema(real: np.ndarray, period: int) -> np.ndarray:
     """TA_TEMA."""
     n = real.shape[0]
@@ -548,7 +570,7 @@ def tema(real: np.ndarray, period: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def stddev(real: np.ndarray, period: int, nbdev: float) -> np.ndarray:
     """TA_STDDEV (population standard deviation times ``nbdev``)."""
     n = real.shape[0]
@@ -560,7 +582,7 @@ def stddev(real: np.ndarray, period: int, nbdev: float) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bbands(real: np.ndarray, period: int, nbdevup: float, nbdevdn: float,
            matype: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TA_BBANDS: (upper, middle, lower)."""
@@ -576,7 +598,7 @@ def bbands(real: np.ndarray, period: int, nbdevup: float, nbdevdn: float,
     return upper, middle, lower
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sar(high: np.ndarray, low: np.ndarray, acceleration: float,
         maximum: float) -> np.ndarray:
     """TA_SAR."""
