@@ -10,12 +10,13 @@ The last test stops the worker, so it must stay last.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from ops.embedded import EmbeddedStack
@@ -283,13 +284,10 @@ async def test_bad_messages_are_dead_lettered_and_the_agent_keeps_running(
         assert letter.topic == HEARTBEATS.name and letter.key == "bad"
         assert letter.agent == "ops.heartbeats"
         assert error in letter.error, (letter.error, error)
-    assert [letter.offset for letter in letters] == sorted(letter.offset for letter in letters)
-    assert letters[0].value_encoding == "base64"
-    assert letters[1].value_encoding == "text" and decode_json(letters[1].value)["type"] == "ops.unknown"
-
-
-def decode_json(text: str) -> Any:
-    return msgspec.json.decode(text)
+        original = (base64.b64decode(letter.value) if letter.value_encoding == "base64"
+                    else letter.value.encode())
+        assert original == (value or b"")
+    assert [letter.value_encoding for letter in letters[:2]] == ["base64", "text"]
 
 
 async def read_dead_letters(settings: Settings, count: int) -> list[DeadLetter]:
@@ -360,6 +358,8 @@ async def test_routed_view_reads_a_key_from_the_worker_that_owns_it(
     try:
         owners = await wait_for(lambda: split_assignment(worker, second), START_TIMEOUT_S, "a shared assignment")
         partitions: dict[str, int] = {}
+        # routed-0..7 hash to partitions 0, 1 and 2, so each worker owns at least one of them
+        # whichever two partitions it is given; the assertion below checks that.
         for n in range(8):
             source = f"routed-{n}"
             meta = await publisher.publish(HEARTBEATS.name, None, Heartbeat(source=source, seq=1))
