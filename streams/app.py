@@ -8,6 +8,7 @@ settings' prefix) out of import time and lets tests run workers with their own s
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import msgspec
 from faust.types import TopicT, TransportT
 from faust.web import Request, Response, View
 
-from ops.embedded import LOOPBACK, free_port
+from ops.embedded import free_port
 from ops.settings import Settings
 from streams import kafka
 from streams.codec import codec_for, encode, to_builtins
@@ -77,15 +78,24 @@ def create_app(settings: Settings) -> FintideApp:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=True,
-        web_bind=LOOPBACK,
-        web_host=LOOPBACK,
+        web_bind=settings.worker_web_bind,
+        web_host=_advertised_host(settings),
         web_port=web_port,
-        canonical_url=f"http://{LOOPBACK}:{web_port}",
+        canonical_url=f"http://{_advertised_host(settings)}:{web_port}",
         # Views read tables, so they must run on the agents' event loop, not in a thread.
         web_in_thread=False,
         web_stats_enabled=True,
         web_metrics_enabled=True,
     )
+
+
+def _advertised_host(settings: Settings) -> str:
+    """How other workers (table routing) and Prometheus reach this worker's web server."""
+    if settings.worker_web_host:
+        return settings.worker_web_host
+    if settings.worker_web_bind in ("0.0.0.0", "::"):
+        return socket.gethostname()
+    return settings.worker_web_bind
 
 
 def event_topic(app: FintideApp, spec: TopicSpec[Any]) -> TopicT:
