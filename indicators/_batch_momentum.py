@@ -147,15 +147,16 @@ def macd_into(x: np.ndarray, fast: int, slow: int, signal: int, out_macd: np.nda
     lines = out_macd[start + 1:]
     signals = out_signal[start + 1:]
     hists = out_hist[start + 1:]
+    if signal == 1:
+        # no signal smoothing: the signal is the line and the histogram is 0
+        k_signal = 0.0
     for k in range(src.shape[0]):
         value = src[k]
         ema_fast = fma(value - ema_fast, k_fast, ema_fast)
         ema_slow = fma(value - ema_slow, k_slow, ema_slow)
         line = ema_fast - ema_slow
-        if signal == 1:
-            ema_signal = line
-        else:
-            ema_signal = fma(line - ema_signal, k_signal, ema_signal)
+        smoothed = fma(line - ema_signal, k_signal, ema_signal)
+        ema_signal = line if signal == 1 else smoothed
         lines[k] = line
         signals[k] = ema_signal
         hists[k] = line - ema_signal
@@ -365,7 +366,7 @@ def _willr_value(highest: float, lowest: float, close: float) -> float:
     """%R = (highest - close) / (highest - lowest) * -100, clamped into [-100, 0]."""
     value = ((highest - close) / (highest - lowest)) * -100.0
     value = 0.0 if value > 0.0 else value
-    value = -100.0 if -100.0 > value else value
+    value = -100.0 if value < -100.0 else value
     return 0.0 if _is_flat(highest, lowest) else value
 
 
@@ -493,7 +494,8 @@ def _fast_k_rescan(high: np.ndarray, low: np.ndarray, close: np.ndarray, period:
 
 @njit(cache=True, error_model="numpy")
 def _has_nan(a: np.ndarray, b: np.ndarray) -> bool:
-    for i in range(a.shape[0]):
+    """Whether either array holds a NaN (a plain loop: Numba has no generator any())."""
+    for i in range(a.shape[0]):  # noqa: SIM110
         if a[i] != a[i] or b[i] != b[i]:
             return True
     return False
@@ -607,23 +609,23 @@ def mfi_into(high: np.ndarray, low: np.ndarray, close: np.ndarray, volume: np.nd
 
 @njit(cache=True, error_model="numpy")
 def _plus_dm(diff_p: float, diff_m: float) -> float:
-    """+DM1: the up-move when it is positive and beats the down-move, else 0."""
-    return diff_p if (diff_p > 0 and diff_p > diff_m) else 0.0
+    """+DM1: the up-move when it is positive and beats the down-move, else -0.0.
+
+    -0.0 rather than 0.0 because adding it is the exact identity, so summing it is
+    the same as TA-Lib's branch that skips the addition.
+    """
+    return diff_p if (diff_p > 0 and diff_p > diff_m) else -0.0
 
 
 @njit(cache=True, error_model="numpy")
 def _minus_dm(diff_p: float, diff_m: float) -> float:
-    """-DM1: the down-move when it is positive and beats the up-move, else 0."""
-    return diff_m if (diff_m > 0 and diff_p < diff_m) else 0.0
+    """-DM1: the down-move when it is positive and beats the up-move, else -0.0."""
+    return diff_m if (diff_m > 0 and diff_p < diff_m) else -0.0
 
 
 @njit(cache=True, error_model="numpy")
 def _wilder_sum(previous: float, increment: float, period: int) -> float:
-    """Wilder's running sum: previous - previous/period + increment (TA-Lib's order).
-
-    Adding a 0.0 increment is exact here (the sums never hold -0.0), so the DM
-    updates can be written without TA-Lib's branches and still match it bit for bit.
-    """
+    """Wilder's running sum: previous - previous/period + increment (TA-Lib's order)."""
     return previous - (previous / period) + increment
 
 

@@ -21,15 +21,19 @@ from indicators._batch_common import begin_index2, begin_index4, nan_output
 
 @njit(cache=True, error_model="numpy")
 def obv_into(close: np.ndarray, volume: np.ndarray, out: np.ndarray) -> None:
-    """TA_OBV: starts at the first bar's volume, then adds/subtracts on up/down closes."""
+    """TA_OBV: starts at the first bar's volume, then adds/subtracts on up/down closes.
+
+    Written without branches (up/down is a coin flip on real data): an unchanged close
+    adds -0.0, which is the exact identity for every double, so the result is TA-Lib's
+    bit for bit, and subtracting v is adding -v.
+    """
     prev_obv = volume[0]
     prev_close = close[0]
     for today in range(close.shape[0]):
         value = close[today]
-        if value > prev_close:
-            prev_obv += volume[today]
-        elif value < prev_close:
-            prev_obv -= volume[today]
+        vol = volume[today]
+        step = vol if value > prev_close else (-vol if value < prev_close else -0.0)
+        prev_obv += step
         out[today] = prev_obv
         prev_close = value
 

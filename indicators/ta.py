@@ -20,6 +20,7 @@ The wrappers only check and convert; the work happens in ``@numba.njit(cache=Tru
 kernels in ``indicators._batch_*``.
 """
 
+# ruff: noqa: N802 - the public names are TA-Lib's
 from __future__ import annotations
 
 import operator
@@ -83,7 +84,7 @@ def _real(func: str, name: str, values: ArrayLike) -> Array:
 def _series(func: str, **inputs: ArrayLike) -> list[Array]:
     """Convert every input and check that they all have the same length."""
     arrays = [_real(func, name, values) for name, values in inputs.items()]
-    lengths = {name: a.shape[0] for name, a in zip(inputs, arrays)}
+    lengths = {name: a.shape[0] for name, a in zip(inputs, arrays, strict=True)}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{func}: input arrays have different lengths {lengths}")
     return arrays
