@@ -297,13 +297,14 @@ def project(locked: Mapping[UUID, Balance], entries: Sequence[Entry],
     projected = {a: _Projection(b.posted_minor, b.reserved_minor, b.last_seq) for a, b in locked.items()}
     leg_rows: list[tuple[Any, ...]] = []
     for entry in entries:
-        invariant(len(entry.legs) >= 2, f"transaction {entry.id} has fewer than two legs")
-        invariant(sum(leg.amount_minor for leg in entry.legs) == 0, f"transaction {entry.id} does not net to zero")
+        # Plain ifs, not invariant(..., f"..."): this loop runs per leg on the hot path and
+        # must not format messages that are only needed on failure.
+        if len(entry.legs) < 2 or sum(leg.amount_minor for leg in entry.legs) != 0:
+            raise InvariantViolation(f"transaction {entry.id} does not have two or more legs netting to zero")
         for leg in entry.legs:
-            invariant(leg.amount_minor != 0, f"transaction {entry.id} has a zero leg")
-            invariant(leg.account_id in locked, f"account {leg.account_id} was not locked")
-            invariant(locked[leg.account_id].currency == entry.currency,
-                      f"transaction {entry.id} posts {entry.currency} to a {locked[leg.account_id].currency} account")
+            balance = locked.get(leg.account_id)
+            if balance is None or balance.currency != entry.currency or leg.amount_minor == 0:
+                raise InvariantViolation(f"transaction {entry.id}: leg {leg} is zero, unlocked or in another currency")
             p = projected[leg.account_id]
             p.last_seq += 1
             p.posted_minor += leg.amount_minor
@@ -317,10 +318,8 @@ def project(locked: Mapping[UUID, Balance], entries: Sequence[Entry],
 def check_projection(locked: Mapping[UUID, Balance], projected: Mapping[UUID, _Projection]) -> None:
     """Before the write: reservations are never negative, non-overdraft accounts never below zero."""
     for account_id, p in projected.items():
-        invariant(p.reserved_minor >= 0, f"account {account_id} would reserve {p.reserved_minor}")
-        if not locked[account_id].allow_overdraft:
-            invariant(p.posted_minor - p.reserved_minor >= 0,
-                      f"account {account_id} would have available {p.posted_minor - p.reserved_minor}")
+        if p.reserved_minor < 0 or (not locked[account_id].allow_overdraft and p.posted_minor < p.reserved_minor):
+            raise InvariantViolation(f"account {account_id} would have posted {p.posted_minor}, reserved {p.reserved_minor}")
 
 
 _WRITE_JOURNAL = """
@@ -379,9 +378,8 @@ async def write_journal(conn: asyncpg.Connection, locked: Mapping[UUID, Balance]
     invariant(set(after) == set(changed), "balance rows updated differ from the rows projected")
     for account_id, balance in after.items():
         p = changed[account_id]
-        invariant((balance.posted_minor, balance.reserved_minor, balance.last_seq)
-                  == (p.posted_minor, p.reserved_minor, p.last_seq),
-                  f"account {account_id} read back {balance} but {p} was projected")
+        if (balance.posted_minor, balance.reserved_minor, balance.last_seq) != (p.posted_minor, p.reserved_minor, p.last_seq):
+            raise InvariantViolation(f"account {account_id} read back {balance} but {p} was projected")
     return {**locked, **after}
 
 

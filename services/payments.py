@@ -240,16 +240,15 @@ class _Working:
         self.reserved = {a: b.reserved_minor for a, b in locked.items()}
 
     def try_apply(self, posted_deltas: dict[UUID, int], reserved_deltas: dict[UUID, int]) -> bool:
-        touched = set(posted_deltas) | set(reserved_deltas)
-        ok = all(self.locked[a].allow_overdraft
-                 or self.posted[a] + posted_deltas.get(a, 0) - self.reserved[a] - reserved_deltas.get(a, 0) >= 0
-                 for a in touched)
-        if ok:
-            for a, d in posted_deltas.items():
-                self.posted[a] += d
-            for a, d in reserved_deltas.items():
-                self.reserved[a] += d
-        return ok
+        for a in posted_deltas.keys() | reserved_deltas.keys():
+            if not self.locked[a].allow_overdraft and \
+                    self.posted[a] + posted_deltas.get(a, 0) < self.reserved[a] + reserved_deltas.get(a, 0):
+                return False
+        for a, d in posted_deltas.items():
+            self.posted[a] += d
+        for a, d in reserved_deltas.items():
+            self.reserved[a] += d
+        return True
 
 
 def _admit(r: TransferRequest, work: _Working, holds: dict[UUID, Hold], used_holds: set[UUID],

@@ -161,7 +161,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holds)
     @rule(data=st.data(), j=st.integers(0, 3))
     def post_hold(self, data: st.DataObject, j: int) -> None:
-        hold_id = data.draw(st.sampled_from(sorted(self.holds)))
+        hold_id = data.draw(st.sampled_from(list(self.holds)))
         account, amount = self.holds[hold_id]
         dest = self.wallet(j)
         part = data.draw(st.integers(1, amount))
@@ -178,7 +178,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holds)
     @rule(data=st.data())
     def void_hold(self, data: st.DataObject) -> None:
-        hold_id = data.draw(st.sampled_from(sorted(self.holds)))
+        hold_id = data.draw(st.sampled_from(list(self.holds)))
         account, amount = self.holds.pop(hold_id)
         assert self.run(payments.void_hold(self.conn, hold_id)).status == "voided"
         self.resolved[hold_id] = "voided"
@@ -187,7 +187,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.resolved)
     @rule(data=st.data(), j=st.integers(0, 3))
     def resolve_again(self, data: st.DataObject, j: int) -> None:
-        hold_id = data.draw(st.sampled_from(sorted(self.resolved)))
+        hold_id = data.draw(st.sampled_from(list(self.resolved)))
         status = self.resolved[hold_id]
         for attempt in (payments.void_hold(self.conn, hold_id),
                         payments.post_hold(self.conn, hold_id, to_account_id=self.wallet(j), transaction_id=uuid.uuid4())):
@@ -232,7 +232,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.captured)
     @rule(data=st.data(), amount=AMOUNT)
     def refund(self, data: st.DataObject, amount: int) -> None:
-        pid = data.draw(st.sampled_from(sorted(self.captured)))
+        pid = data.draw(st.sampled_from(list(self.captured)))
         captured, refunded = self.captured[pid]
         payment = self.run(payments.get_payment(self.conn, pid))
         payer, payee = payment.from_account_id, payment.to_account_id
