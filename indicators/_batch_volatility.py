@@ -68,22 +68,17 @@ def atr_into(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int,
 
 
 @njit(cache=True, error_model="numpy")
-def _normalized(atr_value: float, close: float, period: int) -> float:
-    """ATR as a percentage of the close; 0 for a zero close, raw ATR at period 1."""
-    if period <= 1:
-        return atr_value
-    percent = (atr_value / close) * 100.0
-    return percent if close != 0.0 else 0.0
-
-
-@njit(cache=True, error_model="numpy")
 def natr_into(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int,
               out: np.ndarray) -> None:
     """TA_NATR: ATR / close * 100; a zero close gives 0 and period 1 is the raw TR."""
+    if period <= 1:
+        # TA-Lib leaves period 1 unnormalised: NATR(1) is TRANGE
+        atr_into(high, low, close, period, out)
+        return
     beta = (period - 1) / period
     alpha = 1.0 - beta
     prev = _atr_seed(high, low, close, period)
-    out[period] = _normalized(prev, close[period], period)
+    out[period] = _percent_of_close(prev, close[period])
     highs = high[period + 1:]
     lows = low[period + 1:]
     closes = close[period + 1:]
@@ -92,7 +87,14 @@ def natr_into(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int,
     for k in range(highs.shape[0]):
         tr = true_range(highs[k], lows[k], prev_closes[k])
         prev = fma(beta, prev, alpha * tr)
-        dst[k] = _normalized(prev, closes[k], period)
+        dst[k] = _percent_of_close(prev, closes[k])
+
+
+@njit(cache=True, error_model="numpy")
+def _percent_of_close(atr_value: float, close: float) -> float:
+    """ATR as a percentage of the close, 0 for a zero close."""
+    percent = (atr_value / close) * 100.0
+    return percent if close != 0.0 else 0.0
 
 
 @njit(cache=True, error_model="numpy")
