@@ -61,7 +61,7 @@ def test_signature_rejections(header: str | None, body: bytes, now_s: int, reaso
 
 # ----------------------------------------------------------------------------- simulator
 
-async def _wallet(conn: asyncpg.Connection, currency: str = "INR") -> payments.Account:  # type: ignore[name-defined]
+async def _wallet(conn: asyncpg.Connection, currency: str = "INR") -> payments.Account:
     return await payments.open_wallet(conn, uuid.uuid4(), currency)
 
 

@@ -99,9 +99,9 @@ async def test_holds_resolve_exactly_once_in_the_database(conn: asyncpg.Connecti
         await conn.execute("UPDATE payments.holds SET status = 'expired', resolved_at = now() WHERE id = $1", hold.id)
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="never deleted"):
         await conn.execute("DELETE FROM payments.holds WHERE id = $1", hold.id)
+    other = await payments.reserve(conn, hold_id=uuid.uuid4(), account_id=a.id, amount_minor=100, currency="INR")
+    tid = await _one_transfer(conn)
     with pytest.raises(asyncpg.CheckViolationError, match="holds_posted_within_reserved"):
-        other = await payments.reserve(conn, hold_id=uuid.uuid4(), account_id=a.id, amount_minor=100, currency="INR")
-        tid = await _one_transfer(conn)
         await conn.execute("UPDATE payments.holds SET status = 'posted', posted_minor = 101, resolved_at = now(), "
                            "transaction_id = $2, destination_account_id = $3 WHERE id = $1", other.id, tid,
                            system_account_id("fees", "INR"))
