@@ -15,6 +15,17 @@ The bundled TA-Lib C library (0.8.1) calls ``fma()`` explicitly in some indicato
 (EMA family, MACD, ATR/NATR, SAR, BBANDS bands). ``fma`` below lowers to LLVM's
 ``llvm.fma.f64``, a correctly rounded fused multiply-add like C's, so those kernels stay
 bit-identical instead of drifting by an ulp per step.
+
+Conventions shared by every kernel module:
+
+* ``error_model="numpy"``: float division by zero gives inf/NaN as in C instead of
+  raising, and the per-division zero check disappears from the hot loops;
+* hot loops walk views with a zero-based counter (``src[k]``, ``dst[k]``) rather than
+  ``x[i - lookback]``: Numba must treat a possibly negative index as wrap-around, and
+  that address arithmetic made several loops instruction-bound;
+* Numba's on-disk cache is invalidated per source file. After editing a kernel that
+  other modules call (``fma``, ``true_range``, ``ma_into``), delete
+  ``indicators/__pycache__/_batch_*`` so the callers are recompiled too.
 """
 
 from __future__ import annotations
