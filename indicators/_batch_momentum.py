@@ -131,7 +131,7 @@ def macd_into(x: np.ndarray, fast: int, slow: int, signal: int, out_macd: np.nda
         today += 1
     line = ema_fast - ema_slow
     signal_total = 0.0
-    signal_total += line
+    signal_total += line  # 0.0 + x, not x: keeps TA-Lib's result for x == -0.0
     for _ in range(signal - 1):
         value = x[today]
         ema_fast = fma(value - ema_fast, k_fast, ema_fast)

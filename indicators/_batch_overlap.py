@@ -132,7 +132,7 @@ def dema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         ema1 = fma(x[today] - ema1, k, ema1)
         today += 1
     total = 0.0
-    total += ema1
+    total += ema1  # 0.0 + x, not x: keeps TA-Lib's result for x == -0.0
     for _ in range(period - 1):
         ema1 = fma(x[today] - ema1, k, ema1)
         today += 1
@@ -172,7 +172,7 @@ def tema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         ema1 = fma(x[today] - ema1, k, ema1)
         today += 1
     total = 0.0
-    total += ema1
+    total += ema1  # 0.0 + x, not x: keeps TA-Lib's result for x == -0.0
     for _ in range(period - 1):
         ema1 = fma(x[today] - ema1, k, ema1)
         today += 1
@@ -183,7 +183,7 @@ def tema_into(x: np.ndarray, period: int, out: np.ndarray) -> None:
         ema2 = fma(ema1 - ema2, k, ema2)
         today += 1
     total = 0.0
-    total += ema2
+    total += ema2  # as above
     for _ in range(period - 1):
         ema1 = fma(x[today] - ema1, k, ema1)
         ema2 = fma(ema1 - ema2, k, ema2)
