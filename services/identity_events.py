@@ -1,14 +1,17 @@
 """Identity events: written to the outbox inside the caller's transaction, relayed to Kafka.
 
-`record` runs in the same transaction as the change it describes. `relay` publishes what
-is still unpublished (oldest first, bounded batch) and marks it; with no publisher wired
-the rows stay in the outbox and are logged, so nothing is lost while Kafka is away.
+`record` runs in the same transaction as the change it describes, so no committed change
+is lost between PostgreSQL and Kafka. `relay` publishes what is still unpublished (oldest
+first, a bounded batch) through a streams EventPublisher and marks it published. In the
+API it runs after each commit when `resources.publisher` is set; `run_relay` is the
+standalone loop for a process that owns a publisher (e.g. `fintide up`). Delivery is
+at-least-once: a crash between publish and mark re-publishes; consumers dedupe by `id`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -21,39 +24,47 @@ from streams import identity as events
 
 log = logging.getLogger("fintide.identity.events")
 RELAY_BATCH = 100
+RELAY_IDLE_S = 1.0
 
 
 def new_meta(user_id: uuid.UUID) -> dict[str, Any]:
-    return {"id": str(uuid.uuid4()), "ts_ms": time.time_ns() // 1_000_000, "user_id": user_id}
+    # The streams Event header (id, ts_ms, version) is filled in by the Event itself.
+    return {"user_id": user_id}
 
 
-async def record(conn: Queryable, event: events.Event) -> None:
-    await db.insert_outbox(conn, event_id=uuid.UUID(event.id), type_=events.event_type(event),
+async def record(conn: Queryable, event: events.IdentityEvent) -> None:
+    await db.insert_outbox(conn, event_id=uuid.UUID(event.id), type_=type(event).__struct_config__.tag,  # type: ignore[arg-type]
                            key=str(event.user_id), payload=msgspec.to_builtins(event))
 
 
-def topic_name(ctx: IdentityContext) -> str:
-    return ctx.settings.topic_prefix + events.TOPIC
+async def relay(ctx: IdentityContext, publisher: Any = None) -> int:
+    """Publish one batch of pending events; return how many were published.
 
-
-async def relay(ctx: IdentityContext) -> int:
-    """Publish one batch of pending events; return how many were published."""
+    With no publisher the rows simply wait in the outbox (Kafka down or not wired).
+    Kafka trouble never fails the caller's request: it logs and stops; the next relay retries.
+    """
+    publisher = publisher if publisher is not None else ctx.publisher
+    if publisher is None:
+        return 0
     rows = await db.unpublished(ctx.pool, RELAY_BATCH)
-    if not rows:
-        return 0
-    if ctx.publisher is None:
-        for row in rows:
-            log.info("identity event pending (no publisher)", extra={"event_type": row["type"],
-                                                                    "event_id": str(row["event_id"])})
-        return 0
     published: list[int] = []
     try:
         for row in rows:
-            value = msgspec.json.encode(row["payload"])
-            await ctx.publisher.publish_raw(topic_name(ctx), row["key"].encode(), value)
+            event = events.EVENTS.decode(msgspec.json.encode(row["payload"]))
+            await publisher.publish(events.TOPIC, row["key"], event)
             published.append(row["seq"])
-    except Exception:  # noqa: BLE001 - Kafka trouble must not fail the request; retried next relay
+    except Exception:  # noqa: BLE001 - see docstring
         log.warning("identity event relay stopped early", exc_info=True)
     if published:
         await db.mark_published(ctx.pool, published)
     return len(published)
+
+
+async def run_relay(ctx: IdentityContext, publisher: Any, stop: asyncio.Event) -> None:
+    """Drain the outbox until `stop` is set: batches back to back, then idle polling."""
+    while not stop.is_set():
+        if await relay(ctx, publisher) == 0:
+            try:
+                await asyncio.wait_for(stop.wait(), RELAY_IDLE_S)
+            except asyncio.TimeoutError:
+                pass
