@@ -14,7 +14,8 @@ thousands of ticks per message and decodes them straight into numpy arrays
 Wire format: the platform's codec (msgspec JSON, streams/codec.py). Each column is the raw
 little-endian bytes of a numpy array, which msgspec writes as base64 in JSON; decoding
 goes base64 -> bytes -> `np.frombuffer` (zero copy). JSON+base64 costs ~33 % more bytes
-than msgpack would, and is still >10 M ticks/s per core each way (ops/bench/ticks_codec.py);
+than msgpack would, and still runs at 6-25 M ticks/s per core each way on 4k-16k tick
+batches (ops/bench/ticks_codec.py, docs/MARKET.md);
 in exchange the tick topic uses the same codec, `TopicSpec.decode` and dead-letter path as
 every other topic. `columns()` validates everything a kernel relies on (lengths, symbol
 ids in range, finite positive prices, finite non-negative sizes) and raises

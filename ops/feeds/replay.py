@@ -131,7 +131,8 @@ class CsvReplay:
                 await self._push(push, chunk)
         await self._push(push, chunk)
 
-    async def _push(self, push: Callable[[TickChunk], Awaitable[None]], chunk: list[tuple[int, int, float, float]]) -> None:
+    async def _push(self, push: Callable[[TickChunk], Awaitable[None]],
+                    chunk: list[tuple[int, int, float, float]]) -> None:
         if not chunk:
             return
         sym, ts, price, size = zip(*chunk)

@@ -29,7 +29,8 @@ from streams.topics import full_name
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def read_batches(settings: Settings, want_ticks: int, timeout_s: float = 30.0) -> list[tuple[int, bytes, TickBatch]]:
+async def read_batches(settings: Settings, want_ticks: int,
+                       timeout_s: float = 30.0) -> list[tuple[int, bytes, TickBatch]]:
     """Every batch on market.ticks (partition, key, batch) until want_ticks ticks arrived."""
     topic = full_name(settings, TICKS.name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,

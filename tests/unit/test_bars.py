@@ -78,7 +78,8 @@ def run(ticks: list[tuple[int, int, float, float]], cuts: list[int], n_symbols: 
     return agg, bars
 
 
-def random_ticks(rng: np.random.Generator, n: int, n_symbols: int, late_share: float) -> list[tuple[int, int, float, float]]:
+def random_ticks(rng: np.random.Generator, n: int, n_symbols: int,
+                 late_share: float) -> list[tuple[int, int, float, float]]:
     t = 1_700_000_000_000
     out = []
     for _ in range(n):

@@ -14,7 +14,8 @@ HORIZONS = (2, 5, 9)
 Outcome = tuple[int, int, int, int, int, int, int, float]  # row, sig ts, strategy, h, side, hit, exit, ret
 
 
-def make_stream(seed: int, n_bars: int, n_rows: int, p_signal: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def make_stream(seed: int, n_bars: int, n_rows: int,
+                p_signal: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, n_rows, n_bars)
     price = np.full(n_rows, 100.0)
@@ -27,7 +28,9 @@ def make_stream(seed: int, n_bars: int, n_rows: int, p_signal: float) -> tuple[d
         ts[r] += 1_000
         price[r] *= math.exp(rng.normal(0, 0.01))
         c = price[r]
-        bars["close"][j], bars["high"][j], bars["low"][j] = c, c * (1 + abs(rng.normal(0, 0.006))), c * (1 - abs(rng.normal(0, 0.006)))
+        bars["close"][j] = c
+        bars["high"][j] = c * (1 + abs(rng.normal(0, 0.006)))
+        bars["low"][j] = c * (1 - abs(rng.normal(0, 0.006)))
         bars["ts"][j] = ts[r]
         for s in range(N_STRATEGIES):
             if rng.random() < p_signal:
@@ -92,7 +95,8 @@ def reference(bars: dict[str, np.ndarray], sigs: dict[str, np.ndarray], max_pend
     return outcomes, cells, overflow
 
 
-def run(tracker: OutcomeTracker, bars: dict[str, np.ndarray], sigs: dict[str, np.ndarray], cuts: list[int]) -> list[Outcome]:
+def run(tracker: OutcomeTracker, bars: dict[str, np.ndarray], sigs: dict[str, np.ndarray],
+        cuts: list[int]) -> list[Outcome]:
     n = len(bars["row"])
     bounds = [0, *sorted(set(c for c in cuts if 0 < c < n)), n]
     got: list[Outcome] = []
@@ -187,3 +191,38 @@ def test_signals_out_of_bar_order_are_refused() -> None:
                               two * 0.5, np.zeros(2, np.int64), np.zeros((2, M)))
     with pytest.raises(ValueError):
         OutcomeTracker(1, (5, 3))
+
+
+def test_the_stages_chain_on_one_tick_batch_at_a_time() -> None:
+    """bars -> bank -> rules -> confidence -> outcomes -> learning, batch by batch, as the
+    market agent will run them; the model learns from every outcome at the training horizon."""
+    from indicators.bank import IndicatorBank
+    from indicators.bars import BarAggregator
+    from indicators.confidence import STEPS, ConfidenceModel
+    from indicators.signals import FeatureMap, SignalRules
+    from ops.feeds.simulator import SimConfig, Simulator
+
+    symbols = ("A", "B", "C")
+    sim = Simulator(SimConfig(symbols=symbols, ticks_per_s=300, seed=11), start_ms=1_700_000_000_000)
+    bars, bank = BarAggregator(3, (1_000,)), IndicatorBank(n_symbols=3)
+    features, rules = FeatureMap(bank.output_names), SignalRules(n_rows=3)
+    model, tracker = ConfidenceModel(n_models=N_STRATEGIES), OutcomeTracker(3, (5, 15))
+    n_signals = n_trained = 0
+    for _ in range(120):  # 120 tick batches of 1 s each
+        ticks = [sim.step() for _ in range(100)]
+        sym, ts, price, size = (np.concatenate(col) for col in zip(*ticks))
+        closed = bars.process_batch(sym, ts, price, size)
+        o = closed.ohlcv
+        values = bank.update(closed.sym, o[:, 0], o[:, 1], o[:, 2], o[:, 3], o[:, 4])
+        fired = rules.process_batch(closed.sym, features.build(values, o[:, 1], o[:, 2], o[:, 3]))
+        confidence = model.score(fired.strategy, fired.x)
+        assert ((confidence >= 0) & (confidence <= 1)).all()
+        outcomes = tracker.process_batch(closed.sym, closed.open_ts_ms, o[:, 1], o[:, 2], o[:, 3], fired.bar,
+                                         closed.open_ts_ms[fired.bar], fired.strategy, fired.side, fired.price,
+                                         fired.price_target, fired.stop_loss, fired.strategy, fired.x)
+        train = outcomes.horizon == 0
+        model.learn(outcomes.model[train], outcomes.x[train], outcomes.hit[train])
+        n_signals += len(fired)
+        n_trained += int(train.sum())
+    assert n_signals > 10 and n_trained > 5
+    assert model.state[:, STEPS].sum() == n_trained

@@ -170,13 +170,15 @@ def test_batch_boundaries_do_not_change_the_signals() -> None:
         taken[r] += 1
     rows_a, feat_a = np.array(rows), np.array(feat)
     whole = SignalRules(n_rows=n_rows).process_batch(rows_a, feat_a)
-    want = [(int(b), int(s), int(d), float(p)) for b, s, d, p in zip(whole.bar, whole.strategy, whole.side, whole.price)]
+    want = [(int(b), int(s), int(d), float(p))
+            for b, s, d, p in zip(whole.bar, whole.strategy, whole.side, whole.price)]
     rules = SignalRules(n_rows=n_rows)
     got = []
     cuts = [0, *sorted(rng.choice(np.arange(1, len(rows)), 25, replace=False)), len(rows)]
     for lo, hi in zip(cuts, cuts[1:]):
         part = rules.process_batch(rows_a[lo:hi], feat_a[lo:hi])
-        got += [(int(b) + lo, int(s), int(d), float(p)) for b, s, d, p in zip(part.bar, part.strategy, part.side, part.price)]
+        got += [(int(b) + lo, int(s), int(d), float(p))
+                for b, s, d, p in zip(part.bar, part.strategy, part.side, part.price)]
     assert got == want and len(want) > 20
 
 
