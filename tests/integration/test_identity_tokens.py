@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
@@ -19,7 +18,7 @@ from api.app import create_app
 from api.auth import AUDIENCE, ISSUER
 from ops.settings import Settings
 from services import identity_auth
-from tests.helpers.auth import DEFAULT_PASSWORD, LoggedIn, admin_login, register_and_login
+from tests.helpers.auth import DEFAULT_PASSWORD, admin_login, register_and_login
 
 ME = "/api/v1/users/me"
 
