@@ -173,8 +173,10 @@ async def create_admin(settings: Settings, email: str, password: str) -> uuid.UU
     Raises api.problems.Problem (422 weak password / bad email, 409 customer email).
     """
     pool = await create_pool(dsn_for(settings.database_url, "identity"), min_size=1, max_size=2)
-    redis = Redis.from_url(settings.redis_url)
-    ctx = IdentityContext(settings=settings, pool=pool, redis=redis)
+    # Redis is optional here (`fintide admin create` may run with only a database URL):
+    # registering never touches it; it only refreshes the authz cache of an existing user.
+    redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+    ctx = IdentityContext(settings=settings, pool=pool, redis=redis)  # type: ignore[arg-type]
     try:
         existing = await db.user_by_email(pool, normalise_email(email))
         if existing is None:
@@ -185,11 +187,13 @@ async def create_admin(settings: Settings, email: str, password: str) -> uuid.UU
             raise Problem(409, "email-taken", "This email belongs to a customer; admins must be platform users.")
         if "admin" not in existing.roles:
             await db.grant_roles(pool, existing.id, ["admin"], None)
-            await identity_auth.refresh_authz(ctx, existing.id)
+            if redis is not None:
+                await identity_auth.refresh_authz(ctx, existing.id)
         return existing.id
     finally:
         await pool.close()
-        await redis.aclose()
+        if redis is not None:
+            await redis.aclose()
 
 
 # --- profiles and preferences ------------------------------------------------------------------

@@ -263,3 +263,13 @@ async def test_login_ends_with_rehash_free_argon2id_hashes(settings: Settings, p
     assert not await identity_auth.verify_password("not-a-hash", "x")
 
 
+
+
+async def test_create_admin_works_with_only_a_database_url(settings: Settings) -> None:
+    import msgspec
+
+    from services.identity import create_admin
+
+    no_redis = msgspec.structs.replace(settings, redis_url="")
+    first = await create_admin(no_redis, "cli-admin@fintide.test", "Strong-Passw0rd-1")
+    assert await create_admin(no_redis, "cli-admin@fintide.test", "Strong-Passw0rd-1") == first
