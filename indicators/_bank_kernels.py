@@ -195,10 +195,10 @@ def _true_range(high: float, low: float, prev_close: float) -> float:
     # TA-Lib's order: start from high-low, then the two previous-close gaps.
     greatest = high - low
     val2 = abs(prev_close - high)
-    if val2 > greatest:
+    if val2 > greatest:  # noqa: PLR1730 -- TA-Lib's compare-and-replace, kept literally
         greatest = val2
     val3 = abs(prev_close - low)
-    if val3 > greatest:
+    if val3 > greatest:  # noqa: PLR1730
         greatest = val3
     return greatest
 
@@ -318,7 +318,7 @@ def _rsi(row: np.ndarray, ispec: np.ndarray, fspec: np.ndarray, out: int, n: int
     inv = fspec[F_RSI_INV]
     off = ispec[S_RSI_OFF]
     change = x - prev_close
-    gain_delta = change if change > 0.0 else 0.0
+    gain_delta = change if change > 0.0 else 0.0  # noqa: FURB136 -- TA-Lib's select, kept literally
     gain = row[off + RSI_GAIN]
     loss = row[off + RSI_LOSS]
     if n <= period:

@@ -22,6 +22,18 @@ Surface (the NautilusTrader indicator shape, per symbol)::
     bank.reset(sym)
     sym = bank.add_symbol() # grow when a new symbol appears
 
+Outputs (the columns of ``update``'s result, ``output_names``): ``sma_<p>`` for
+each SMA period, ``ema_<p>`` for each EMA period, then ``rsi``, ``macd``,
+``macd_signal``, ``macd_hist``, ``bb_upper``, ``bb_middle``, ``bb_lower``,
+``atr``, ``adx``, ``plus_di``, ``minus_di``, ``stoch_k``, ``stoch_d``, ``cci``,
+``willr``, ``mfi``, ``obv``, ``roc``, ``mom``, ``vwap`` (NaN while the session
+has traded no volume).
+
+Serialized row: a 20-byte little-endian header -- magic ``FTIB``, layout
+version (u16), reserved (u16), row width (u32), a 64-bit fingerprint of the
+layout version and the config (u64) -- then the row's float64 bits.  Loading
+checks all of them and the row's structural invariants.
+
 Row layout (computed once from the config by :class:`BankLayout`; offsets in
 ``BankLayout.offsets``; ``LAYOUT_VERSION`` changes whenever this changes):
 
@@ -137,8 +149,8 @@ class BankConfig:
             _check_period(name, getattr(self, name), low)
         for name in ("sma_periods", "ema_periods"):
             periods = getattr(self, name)
-            if not isinstance(periods, tuple):
-                raise ValueError(f"{name} must be a tuple, got {type(periods).__name__}")
+            if not isinstance(periods, tuple):  # a list would make the frozen config unhashable
+                raise TypeError(f"{name} must be a tuple, got {type(periods).__name__}")
             if len(set(periods)) != len(periods):
                 raise ValueError(f"{name} has duplicates: {periods}")
             for p in periods:
@@ -359,7 +371,7 @@ class IndicatorBank:
             raise ValueError(f"batch of {n_bars} bars exceeds MAX_BATCH_BARS={MAX_BATCH_BARS}; split it")
         syms = np.ascontiguousarray(sym_idx, dtype=np.int64)
         cols = [np.ascontiguousarray(a, dtype=np.float64) for a in (open_, high, low, close, volume)]
-        for name, col in zip(("open", "high", "low", "close", "volume"), cols):
+        for name, col in zip(("open", "high", "low", "close", "volume"), cols, strict=True):
             if col.shape != (n_bars,):
                 raise ValueError(f"{name} has shape {col.shape}, expected ({n_bars},)")
         _, h, lo, c, v = cols

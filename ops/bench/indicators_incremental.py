@@ -26,8 +26,8 @@ OBV, ROC, MOM); VWAP, which talib lacks, is only in the bank's figure.
 Reported: median microseconds per symbol-bar over all timed steps and
 repeats; the three methods run in turn within each repeat.  ``--clock cpu``
 times with this thread's CPU clock, which leaves out time the OS gave to other
-processes (steadier on a shared machine).  Nothing about time is asserted; the values of the two APIs are
-cross-checked at the end.
+processes (steadier on a shared machine).  Nothing about time is asserted; the
+values of the bank and of the handles are cross-checked at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import talib
 from talib import stream
 
 from indicators.bank import BankConfig, IndicatorBank
-
 
 CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu switches to time.thread_time
 
@@ -121,7 +120,7 @@ def time_talib_reopen(bars: dict[str, np.ndarray], history: int, n_timed: int, n
         for s in range(n_symbols):
             window = {f: bars[f][s, lo : b + 1] for f in fields}  # one view per field and symbol-bar
             for _, cls, inputs, params in calls:
-                cls(*[window[f] for f in inputs], **params).value
+                _ = cls(*[window[f] for f in inputs], **params).value  # the value a caller reads
         steps.append(CLOCK() - t0)
     return steps
 
@@ -141,7 +140,7 @@ def time_talib_handles(bars: dict[str, np.ndarray], history: int, n_timed: int,
     for step_args in args:
         t0 = CLOCK()
         for s in range(n_symbols):
-            for j, (handle, a) in enumerate(zip(handles[s], step_args[s])):
+            for j, (handle, a) in enumerate(zip(handles[s], step_args[s], strict=True)):
                 last[s][j] = handle.update(*a)
         steps.append(CLOCK() - t0)
     return steps, last
@@ -155,10 +154,10 @@ def cross_check(bank: IndicatorBank, last: list[list[object]]) -> float:
     worst = 0.0
     for s, values in enumerate(last):
         mine = bank.values(s)
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             keys = flat_names.get(name) or (name.lower().replace("sma", "sma_").replace("ema", "ema_"),)
             got = value if isinstance(value, tuple) else (value,)
-            for key, v in zip(keys, got):
+            for key, v in zip(keys, got, strict=True):
                 worst = max(worst, abs(mine[key] - v) / max(abs(v), 1e-300))
     return worst
 

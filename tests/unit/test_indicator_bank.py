@@ -65,16 +65,16 @@ def constant(n: int, price: float) -> Series:
 
 def tick_rounded(n: int, seed: int) -> Series:
     """Prices on a coarse tick: exact ties, flat windows, zero ranges."""
-    o, h, l, c, v = random_walk(n, seed, base=20.0, vol=0.02)
-    return np.round(o), np.round(h), np.round(l), np.round(c), v
+    o, h, lo, c, v = random_walk(n, seed, base=20.0, vol=0.02)
+    return np.round(o), np.round(h), np.round(lo), np.round(c), v
 
 
 def flat_segment(n: int, seed: int) -> Series:
-    o, h, l, c, v = (a.copy() for a in random_walk(n, seed))
-    lo, hi = n // 3, n // 3 + 60
-    for a in (o, h, l, c):
-        a[lo:hi] = c[lo]
-    return o, h, l, c, v
+    o, h, low, c, v = (a.copy() for a in random_walk(n, seed))
+    start, stop = n // 3, n // 3 + 60
+    for a in (o, h, low, c):
+        a[start:stop] = c[start]
+    return o, h, low, c, v
 
 
 DATASETS: dict[str, Callable[[int], Series]] = {
@@ -92,7 +92,7 @@ DATASETS: dict[str, Callable[[int], Series]] = {
 
 def talib_reference(cfg: BankConfig, s: Series) -> dict[str, np.ndarray]:
     """talib's batch output for every bank output over the whole history ``s``."""
-    _, h, l, c, v = s
+    _, h, low, c, v = s
     ref: dict[str, np.ndarray] = {}
     for p in cfg.sma_periods:
         ref[f"sma_{p}"] = talib.SMA(c, p)
@@ -103,25 +103,25 @@ def talib_reference(cfg: BankConfig, s: Series) -> dict[str, np.ndarray]:
     ref["bb_upper"], ref["bb_middle"], ref["bb_lower"] = talib.BBANDS(
         c, cfg.bb_period, cfg.bb_nbdev_up, cfg.bb_nbdev_dn, 0
     )
-    ref["atr"] = talib.ATR(h, l, c, cfg.atr_period)
-    ref["adx"] = talib.ADX(h, l, c, cfg.adx_period)
-    ref["plus_di"] = talib.PLUS_DI(h, l, c, cfg.adx_period)
-    ref["minus_di"] = talib.MINUS_DI(h, l, c, cfg.adx_period)
-    ref["stoch_k"], ref["stoch_d"] = talib.STOCH(h, l, c, cfg.stoch_fastk, cfg.stoch_slowk, 0, cfg.stoch_slowd, 0)
-    ref["cci"] = talib.CCI(h, l, c, cfg.cci_period)
-    ref["willr"] = talib.WILLR(h, l, c, cfg.willr_period)
-    ref["mfi"] = talib.MFI(h, l, c, v, cfg.mfi_period)
+    ref["atr"] = talib.ATR(h, low, c, cfg.atr_period)
+    ref["adx"] = talib.ADX(h, low, c, cfg.adx_period)
+    ref["plus_di"] = talib.PLUS_DI(h, low, c, cfg.adx_period)
+    ref["minus_di"] = talib.MINUS_DI(h, low, c, cfg.adx_period)
+    ref["stoch_k"], ref["stoch_d"] = talib.STOCH(h, low, c, cfg.stoch_fastk, cfg.stoch_slowk, 0, cfg.stoch_slowd, 0)
+    ref["cci"] = talib.CCI(h, low, c, cfg.cci_period)
+    ref["willr"] = talib.WILLR(h, low, c, cfg.willr_period)
+    ref["mfi"] = talib.MFI(h, low, c, v, cfg.mfi_period)
     ref["obv"] = talib.OBV(c, v)
     ref["roc"] = talib.ROC(c, cfg.roc_period)
     ref["mom"] = talib.MOM(c, cfg.mom_period)
-    ref["vwap"] = vwap_reference(h, l, c, v)
+    ref["vwap"] = vwap_reference(h, low, c, v)
     return ref
 
 
-def vwap_reference(h: np.ndarray, l: np.ndarray, c: np.ndarray, v: np.ndarray,
+def vwap_reference(h: np.ndarray, low: np.ndarray, c: np.ndarray, v: np.ndarray,
                    session_start: np.ndarray | None = None) -> np.ndarray:
     """Session VWAP from cumulative sums in extended precision."""
-    pv = ((h + l + c) / 3.0) * v  # the same rounded products the bank adds
+    pv = ((h + low + c) / 3.0) * v  # the same rounded products the bank adds
     starts = np.zeros(len(c), dtype=bool) if session_start is None else session_start.astype(bool).copy()
     starts[0] = True
     session = np.cumsum(starts) - 1
@@ -172,8 +172,8 @@ def interleave(lengths: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
 def feed(bank: IndicatorBank, histories: list[Series], syms: np.ndarray, bar: np.ndarray, batch: int,
          sessions: list[np.ndarray] | None = None) -> np.ndarray:
     """Feed the interleaved events in batches of ``batch``; return all outputs in event order."""
-    cols = [np.array([histories[s][j][b] for s, b in zip(syms, bar)]) for j in range(5)]
-    flags = None if sessions is None else np.array([sessions[s][b] for s, b in zip(syms, bar)])
+    cols = [np.array([histories[s][j][b] for s, b in zip(syms, bar, strict=True)]) for j in range(5)]
+    flags = None if sessions is None else np.array([sessions[s][b] for s, b in zip(syms, bar, strict=True)])
     outs = []
     for start in range(0, len(syms), batch):
         sl = slice(start, start + batch)
@@ -234,11 +234,11 @@ def test_bit_exact_with_talib_over_100k_bars() -> None:
 
 def test_talib_outputs_are_causal() -> None:
     """talib(history[:m])[-1] == talib(history)[m-1]: row-by-row comparison is sound."""
-    o, h, l, c, v = random_walk(400, 21)
+    hist = random_walk(400, 21)
     cfg = BankConfig()
-    full = talib_reference(cfg, (o, h, l, c, v))
+    full = talib_reference(cfg, hist)
     for m in (1, 2, 10, 14, 15, 27, 28, 33, 34, 35, 60, 257, 400):
-        prefix = talib_reference(cfg, (o[:m], h[:m], l[:m], c[:m], v[:m]))
+        prefix = talib_reference(cfg, tuple(x[:m] for x in hist))
         for name, values in prefix.items():
             assert_matches(f"{name}[:{m}]", values, full[name][:m], exact=True)
 
@@ -407,10 +407,10 @@ def test_a_bad_batch_is_rejected_whole() -> None:
 
 def test_config_is_validated() -> None:
     for bad in (
-        dict(rsi_period=1), dict(sma_periods=(10, 10)), dict(ema_periods=[12]), dict(macd_fast=30),
-        dict(bb_nbdev_up=float("inf")), dict(cci_period=100_001), dict(mom_period=0), dict(adx_period=2.0),
+        {"rsi_period": 1}, {"sma_periods": (10, 10)}, {"ema_periods": [12]}, {"macd_fast": 30},
+        {"bb_nbdev_up": float("inf")}, {"cci_period": 100_001}, {"mom_period": 0}, {"adx_period": 2.0},
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises((ValueError, TypeError)):
             BankConfig(**bad)
 
 
