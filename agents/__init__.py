@@ -7,4 +7,5 @@ which declares that service's agents (and the tables and views they need) on the
 
 AGENT_MODULES: list[str] = [
     "agents.ops",
+    "agents.identity",
 ]

@@ -88,6 +88,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                      render_plugins=[SwaggerRenderPlugin(path="/swagger"),
                                                      ScalarRenderPlugin(path="/")]),
         request_max_body_size=MAX_BODY_BYTES,
+        # ops.logging configures JSON logging for the process; Litestar's own config would
+        # start a queue-listener thread per app.
+        logging_config=None,
         lifespan=[lifespan],
         # JWT/API-key auth and the rate limits (api/auth.py, api/ratelimit.py).
         on_app_init=[identity_auth.install(settings)],

@@ -7,6 +7,7 @@ Created once per process in the app's lifespan and reached through dependency in
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from redis.asyncio import Redis
 from db.engine import create_pool, dsn_for
 from ops.settings import Settings
 
+log = logging.getLogger("fintide.api")
 READY_TIMEOUT_S = 2.0
 
 
@@ -47,6 +49,8 @@ class Resources:
         return self.pools[dsn]
 
     async def close(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.stop()
         for pool in self.pools.values():
             await pool.close()
         await self.kafka.close()
@@ -86,5 +90,19 @@ async def open_resources(settings: Settings) -> Resources:
     try:
         await asyncio.wait_for(kafka.bootstrap(), READY_TIMEOUT_S * 2)
     except Exception:  # noqa: BLE001
-        pass
-    return Resources(settings=settings, redis=redis, kafka=kafka)
+        log.warning("Kafka unreachable at start; /ready reports it")
+    return Resources(settings=settings, redis=redis, kafka=kafka, publisher=await _start_publisher(settings))
+
+
+async def _start_publisher(settings: Settings) -> Any:
+    """A producer for services that publish directly; None (events wait in outboxes) if Kafka is down."""
+    from streams.publisher import EventPublisher
+
+    publisher = EventPublisher(settings)
+    try:
+        await asyncio.wait_for(publisher.start(), READY_TIMEOUT_S * 2)
+    except Exception:  # noqa: BLE001
+        log.warning("event publisher not started: Kafka unreachable")
+        await publisher.stop()
+        return None
+    return publisher

@@ -72,10 +72,16 @@ def cmd_status(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_admin_create(settings: Settings, args: argparse.Namespace) -> int:
+    from api.problems import Problem
     from services.identity import create_admin
 
     _require(settings.database_url, "FINTIDE_DATABASE_URL")
-    user_id = asyncio.run(create_admin(settings, args.email, args.password))
+    try:
+        user_id = asyncio.run(create_admin(settings, args.email, args.password))
+    except Problem as exc:
+        details = "".join(f"\n  {e.get('field') or ''}: {e.get('message')}" for e in exc.errors or [])
+        print(f"fintide admin create: {exc.detail}{details}", file=sys.stderr)
+        return 2
     print(f"platform admin {args.email} ready (id {user_id})")
     return 0
 
@@ -104,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-port", type=int, help="API port (FINTIDE_API_PORT, default 8000)")
     sub.add_parser("api", help="serve the REST/WebSocket API")
     sub.add_parser("worker", help="run a Faust stream worker")
-    feed = sub.add_parser("feed", help="publish market data (simulator, CSV replay, exchange)")
-    feed.add_argument("feed_args", nargs=argparse.REMAINDER)
+    # The feed parses its own options (ops/feed.py); everything after `feed` is passed on.
+    sub.add_parser("feed", help="publish market data (simulator, CSV replay, exchange)", add_help=False)
     sub.add_parser("migrate", help="apply database migrations (idempotent)")
     sub.add_parser("status", help="show what `fintide up` runs and whether it is ready")
     admin = sub.add_parser("admin", help="platform administration")
@@ -124,7 +130,10 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "feed":
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args.feed_args = rest
     overrides = {"data_dir": args.data_dir, "api_port": getattr(args, "api_port", None)}
     try:
         settings = load_settings(**overrides)

@@ -273,6 +273,28 @@ def ensure_database(port: int, database: str = PG_DATABASE) -> None:
     asyncio.run(create())
 
 
+PORT_RETRIES = 3
+
+
+def _ready_or_retry(server: ServerProcess, make: Callable[[Path, int], ServerProcess],
+                    data_dir: Path, port: int) -> ServerProcess:
+    """Wait for `server`; when its port was picked free but taken before it bound (another
+    process won the race), start it again on a new free port. A fixed port is never retried."""
+    for attempt in range(PORT_RETRIES):
+        try:
+            server.wait_ready()
+            return server
+        except EmbeddedServerError:
+            lost_race = port == 0 and "in use" in server.log_tail().lower()
+            if not lost_race or attempt == PORT_RETRIES - 1:
+                raise
+            server.stop()
+            log.warning("%s lost its port to another process; retrying on a new one", server.name)
+            server = make(data_dir, 0)
+            server.start()
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class EmbeddedStack:
     """Kafka (Tansu), PostgreSQL and Redis, started together and stopped in reverse order."""
@@ -285,14 +307,15 @@ class EmbeddedStack:
 
     def start(self) -> "EmbeddedStack":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        makers = ((postgres_server, self.postgres_port), (redis_server, self.redis_port),
+                  (tansu_server, self.kafka_port))
         try:
-            for make, port in ((postgres_server, self.postgres_port), (redis_server, self.redis_port),
-                               (tansu_server, self.kafka_port)):
+            for make, port in makers:
                 server = make(self.data_dir, port)
                 server.start()
                 self.servers.append(server)
-            for server in self.servers:
-                server.wait_ready()
+            for i, (make, port) in enumerate(makers):
+                self.servers[i] = _ready_or_retry(self.servers[i], make, self.data_dir, port)
             ensure_database(self.server("postgres").port)
         except BaseException:
             self.stop()

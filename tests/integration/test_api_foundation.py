@@ -78,12 +78,12 @@ class _Echo(msgspec.Struct):
     count: int
 
 
-@post("/echo", sync_to_thread=False)
+@post("/echo", sync_to_thread=False, exclude_from_auth=True)
 def _echo(data: _Echo) -> _Echo:
     return data
 
 
-@post("/boom", sync_to_thread=False)
+@post("/boom", sync_to_thread=False, exclude_from_auth=True)
 def _boom() -> None:
     raise RuntimeError("secret internal detail")
 

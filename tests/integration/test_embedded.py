@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -57,3 +58,31 @@ def test_postgres_data_survives_a_stop_and_start(tmp_path: Path):
         assert asyncio.run(read(second.database_url)) == 42
     finally:
         second.stop()
+
+
+def test_a_free_port_lost_to_another_process_is_retried_on_a_new_one(tmp_path: Path):
+    from ops.embedded import _ready_or_retry, free_port
+
+    def make(data_dir: Path, port: int) -> ServerProcess:
+        port = port or free_port()
+        argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+        return ServerProcess("http", argv, port, data_dir / "http.log")
+
+    loser = ServerProcess("http", ["/bin/sh", "-c", "echo 'bind: Address already in use'; exit 1"], 1,
+                          tmp_path / "loser.log")
+    loser.start()
+    winner = _ready_or_retry(loser, make, tmp_path, 0)
+    try:
+        assert winner is not loser and winner.alive()
+    finally:
+        winner.stop()
+
+
+def test_a_fixed_port_that_fails_is_not_retried(tmp_path: Path):
+    from ops.embedded import _ready_or_retry
+
+    loser = ServerProcess("http", ["/bin/sh", "-c", "echo 'Address already in use'; exit 1"], 1,
+                          tmp_path / "loser.log")
+    loser.start()
+    with pytest.raises(EmbeddedServerError, match="in use"):
+        _ready_or_retry(loser, lambda d, p: loser, tmp_path, 6379)
