@@ -1,0 +1,410 @@
+"""Fraud features: Numba kernels over per-wallet float64 state rows.
+
+Two kinds of row, each kept in a RocksDB-backed Faust table (tables/fraud.py):
+
+* the **payer row** (key: payer wallet) holds sliding windows of the wallet's outgoing
+  payments, an exponentially weighted mean/variance of its log amounts, the last payment
+  time, bounded LRU sets of recent payees / devices / IPs / countries and a ring of
+  recent payment ids (redelivery detection);
+* the **payee row** (key: payee wallet) holds the wallet's incoming-payment window, the
+  last-seen time of its most recent distinct payers (fan-in) and its own dedupe ring.
+
+One call of :func:`payer_update` (or :func:`payee_update`) walks a whole batch of
+payments in order; each payment updates its row in place and leaves its feature values
+in ``out``. Nothing allocates per payment and nothing touches a Python object.
+
+Definitions (the unit tests recompute each one from the raw events in plain Python):
+
+* **Effective time.** A row's clock never goes back: a payment stamped before the row's
+  last payment counts at the last payment's time (``t = max(ts, last_ts)``). Payments of
+  one wallet arrive in order on one partition; only clocks of different publishers skew.
+* **Windows** (1 min, 1 h, 24 h) are ring-bucketed: 12 x 5 s, 12 x 5 min, 24 x 1 h. A
+  payment at effective time ``u`` is inside the window of time ``t`` when
+  ``floor(t/b) - floor(u/b) < n_buckets`` (``b`` the bucket width), so the oldest bucket
+  slides out whole. Per payment the cost is O(1): the ring advances by the buckets that
+  elapsed (at most ``n_buckets`` cleared, each subtracted from a running total).
+  Counts and sums are integers held in float64: exact below 2**53.
+* Every window value **includes** the payment being scored.
+* **amount_z**: ``(ln(amount) - mean) / max(std, 0.25)`` against the exponentially
+  weighted (alpha 0.1 per payment) mean and variance of the wallet's *previous* log
+  amounts; 0 until the wallet has ``MIN_HISTORY`` payments. Log scale because amounts
+  are heavy-tailed: on the raw scale one large payment dominates the variance for weeks.
+* **new_payee / new_device / new_ip / new_country**: 1 when the value is not among the
+  wallet's ``K`` most recently used distinct values (an LRU set; K = 32 payees, 8 of each
+  other kind), else 0; an empty value (not sent) is never new.
+* **secs_since_last**: seconds since the wallet's previous payment, ``SECS_CAP`` (30 days)
+  for its first.
+* **small_count_1h**: payments of at most ``SMALL_AMOUNT_MINOR`` in the 1 h window;
+  **small_then_large**: ``small_count_1h`` when this payment is at least
+  ``LARGE_AMOUNT_MINOR``, else 0 (the card-testing pattern: probe with small amounts,
+  then cash out).
+* **failed_1h / failed_24h**: sum of the requests' ``failed_attempts`` in the window.
+* **payee_fanin_1h / _24h**: distinct payers whose latest payment into the wallet is
+  less than the window old (exact timestamps, not buckets), capped at ``FANIN_K`` = 64: the
+  row keeps the last-seen time of the 64 most recent distinct payers, so below the cap
+  the count is exact and above it reads 64.
+
+Hashes: strings (payee ids, devices, ...) enter the kernels as 52-bit integers
+(:func:`services.fraud.stable_hash`) so that they fit a float64 slot exactly; 0 means
+"no value".
+
+A redelivered payment (its id is in the row's ring of the last ``DEDUPE_K`` payment
+ids) is scored on a scratch copy of the row and leaves the row unchanged, so features
+never count a payment twice. The ring is bounded: a redelivery more than ``DEDUPE_K``
+payments of the same wallet later would count again (Faust redelivers at most the
+messages after the last committed offset, a few seconds' worth).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Bump whenever a layout or the meaning of a slot changes; rows of another version are
+# refused when loaded (tables/fraud.py), never misread.
+LAYOUT_VERSION = 1
+
+# ---------------------------------------------------------------------------- constants
+WINDOW_NAMES = ("1m", "1h", "24h")
+BUCKET_MS = np.array([5_000, 300_000, 3_600_000], dtype=np.int64)
+N_BUCKETS = np.array([12, 12, 24], dtype=np.int64)
+WINDOW_MS = BUCKET_MS * N_BUCKETS  # 60 s, 1 h, 24 h
+
+SMALL_AMOUNT_MINOR = 500
+LARGE_AMOUNT_MINOR = 20_000
+EW_ALPHA = 0.1
+MIN_HISTORY = 5
+STD_FLOOR = 0.25
+SECS_CAP = 30.0 * 86_400.0
+
+PAYEE_K = 32
+DEVICE_K = 8
+IP_K = 8
+COUNTRY_K = 8
+DEDUPE_K = 32
+FANIN_K = 64
+FANIN_WINDOWS_MS = (3_600_000, 86_400_000)
+
+# ---------------------------------------------------------------------------- payer row
+# Quantities per payer window bucket.
+Q_COUNT, Q_SUM, Q_SMALL, Q_FAILED = 0, 1, 2, 3
+PAYER_Q = 4
+
+P_VERSION = 0
+P_LAST_TS = 1  # effective time of the last payment, epoch ms (0: none yet)
+P_SEEN = 2  # payments counted
+P_EW_MEAN = 3
+P_EW_VAR = 4
+P_DEDUPE_NEXT = 5  # next slot of the dedupe ring (a cursor)
+P_CLOCK = 6  # LRU clock: +1 per payment
+P_HEADER = 8
+
+
+def _payer_window_offsets() -> tuple[int, ...]:
+    # Each window block: [current bucket number, totals[Q], buckets[n * Q]].
+    offsets, at = [], P_HEADER
+    for n in N_BUCKETS:
+        offsets.append(at)
+        at += 1 + PAYER_Q + int(n) * PAYER_Q
+    return (*offsets, at)
+
+
+_PW = _payer_window_offsets()
+PW0, PW1, PW2 = _PW[0], _PW[1], _PW[2]
+P_PAYEES = _PW[3]  # [hash K][stamp K]
+P_DEVICES = P_PAYEES + 2 * PAYEE_K
+P_IPS = P_DEVICES + 2 * DEVICE_K
+P_COUNTRIES = P_IPS + 2 * IP_K
+P_DEDUPE = P_COUNTRIES + 2 * COUNTRY_K
+PAYER_WIDTH = P_DEDUPE + DEDUPE_K
+
+# Payer feature columns (out[:, j]); names in PAYER_FEATURES.
+PAYER_FEATURES = (
+    "amount_minor", "failed_attempts",
+    "payer_count_1m", "payer_count_1h", "payer_count_24h",
+    "payer_sum_1m", "payer_sum_1h", "payer_sum_24h",
+    "small_count_1h", "failed_1h", "failed_24h",
+    "amount_z", "secs_since_last", "payments_seen",
+    "new_payee", "new_device", "new_ip", "new_country",
+    "small_then_large",
+)
+N_PAYER_FEATURES = len(PAYER_FEATURES)
+
+# ---------------------------------------------------------------------------- payee row
+PE_VERSION = 0
+PE_LAST_TS = 1
+PE_SEEN = 2
+PE_DEDUPE_NEXT = 3
+PE_HEADER = 4
+PAYEE_Q = 2  # count, sum
+PE_WINDOW = PE_HEADER  # one window (1 h): [current bucket, totals[2], buckets[12 * 2]]
+PE_FANIN = PE_WINDOW + 1 + PAYEE_Q + int(N_BUCKETS[1]) * PAYEE_Q  # [payer hash K][last seen K]
+PE_DEDUPE = PE_FANIN + 2 * FANIN_K
+PAYEE_WIDTH = PE_DEDUPE + DEDUPE_K
+
+PAYEE_FEATURES = ("payee_fanin_1h", "payee_fanin_24h", "payee_count_1h", "payee_sum_1h")
+N_PAYEE_FEATURES = len(PAYEE_FEATURES)
+
+
+def new_payer_rows(n: int) -> np.ndarray:
+    rows = np.zeros((n, PAYER_WIDTH), dtype=np.float64)
+    rows[:, P_VERSION] = LAYOUT_VERSION
+    return rows
+
+
+def new_payee_rows(n: int) -> np.ndarray:
+    rows = np.zeros((n, PAYEE_WIDTH), dtype=np.float64)
+    rows[:, PE_VERSION] = LAYOUT_VERSION
+    return rows
+
+
+# ---------------------------------------------------------------------------- helpers
+@njit(cache=True, inline="always")
+def _advance(row: np.ndarray, base: int, q: int, n_buckets: int, bucket: int) -> None:
+    """Slide the window block at `base` so that `bucket` is current (never backwards)."""
+    cur = int(row[base])
+    if bucket <= cur:
+        return
+    steps = min(bucket - cur, n_buckets)
+    for s in range(1, steps + 1):
+        slot = base + 1 + q + ((cur + s) % n_buckets) * q
+        for j in range(q):
+            row[base + 1 + j] -= row[slot + j]
+            row[slot + j] = 0.0
+    row[base] = bucket
+
+
+@njit(cache=True, inline="always")
+def _add(row: np.ndarray, base: int, q: int, n_buckets: int, j: int, value: float) -> None:
+    """Add `value` to quantity `j` of the current bucket and the running total."""
+    slot = base + 1 + q + (int(row[base]) % n_buckets) * q
+    row[slot + j] += value
+    row[base + 1 + j] += value
+
+
+@njit(cache=True, inline="always")
+def _lru_touch(row: np.ndarray, base: int, k: int, h: int, clock: float) -> float:
+    """1.0 if `h` is not among the set's values (then it replaces the least recently
+    used), else 0.0; either way `h` becomes the most recently used. h == 0: no value."""
+    if h == 0:
+        return 0.0
+    value = float(h)
+    victim = 0
+    oldest = np.inf
+    for i in range(k):
+        stored = row[base + i]
+        if stored == value:
+            row[base + k + i] = clock
+            return 0.0
+        if stored == 0.0:
+            if oldest > -1.0:  # the first empty slot wins over any used one
+                victim, oldest = i, -1.0
+        elif row[base + k + i] < oldest:
+            victim, oldest = i, row[base + k + i]
+    row[base + victim] = value
+    row[base + k + victim] = clock
+    return 1.0
+
+
+@njit(cache=True, inline="always")
+def _seen(row: np.ndarray, base: int, k: int, h: int) -> bool:
+    value = float(h)
+    for i in range(k):
+        if row[base + i] == value:
+            return True
+    return False
+
+
+@njit(cache=True, inline="always")
+def _remember(row: np.ndarray, base: int, k: int, cursor_slot: int, h: int) -> None:
+    at = int(row[cursor_slot])
+    row[base + at] = float(h)
+    row[cursor_slot] = (at + 1) % k
+
+
+# ---------------------------------------------------------------------------- payer
+@njit(cache=True, inline="always")
+def _payer_step(row: np.ndarray, ts_ms: int, amount: int, failed: int, payee_h: int, device_h: int,
+                ip_h: int, country_h: int, out: np.ndarray) -> None:
+    last = row[P_LAST_TS]
+    seen = row[P_SEEN]
+    t = max(float(ts_ms), last)
+    t_int = int(t)
+    x = np.log(float(amount))
+    # Scores use the history before this payment.
+    if seen >= MIN_HISTORY:
+        std = max(np.sqrt(row[P_EW_VAR]), STD_FLOOR)
+        out[11] = (x - row[P_EW_MEAN]) / std
+    else:
+        out[11] = 0.0
+    out[12] = min((t - last) / 1000.0, SECS_CAP) if seen > 0 else SECS_CAP
+    if seen == 0:
+        row[P_EW_MEAN] = x
+        row[P_EW_VAR] = 0.0
+    else:
+        diff = x - row[P_EW_MEAN]
+        incr = EW_ALPHA * diff
+        row[P_EW_MEAN] += incr
+        row[P_EW_VAR] = (1.0 - EW_ALPHA) * (row[P_EW_VAR] + diff * incr)
+    small = 1.0 if amount <= SMALL_AMOUNT_MINOR else 0.0
+    bases = (PW0, PW1, PW2)
+    for w in range(3):
+        base = bases[w]
+        n_b = int(N_BUCKETS[w])
+        _advance(row, base, PAYER_Q, n_b, t_int // int(BUCKET_MS[w]))
+        _add(row, base, PAYER_Q, n_b, Q_COUNT, 1.0)
+        _add(row, base, PAYER_Q, n_b, Q_SUM, float(amount))
+        _add(row, base, PAYER_Q, n_b, Q_SMALL, small)
+        _add(row, base, PAYER_Q, n_b, Q_FAILED, float(failed))
+    out[0] = float(amount)
+    out[1] = float(failed)
+    out[2] = row[PW0 + 1 + Q_COUNT]
+    out[3] = row[PW1 + 1 + Q_COUNT]
+    out[4] = row[PW2 + 1 + Q_COUNT]
+    out[5] = row[PW0 + 1 + Q_SUM]
+    out[6] = row[PW1 + 1 + Q_SUM]
+    out[7] = row[PW2 + 1 + Q_SUM]
+    out[8] = row[PW1 + 1 + Q_SMALL]
+    out[9] = row[PW1 + 1 + Q_FAILED]
+    out[10] = row[PW2 + 1 + Q_FAILED]
+    row[P_SEEN] = seen + 1.0
+    out[13] = seen + 1.0
+    clock = row[P_CLOCK] + 1.0
+    row[P_CLOCK] = clock
+    out[14] = _lru_touch(row, P_PAYEES, PAYEE_K, payee_h, clock)
+    out[15] = _lru_touch(row, P_DEVICES, DEVICE_K, device_h, clock)
+    out[16] = _lru_touch(row, P_IPS, IP_K, ip_h, clock)
+    out[17] = _lru_touch(row, P_COUNTRIES, COUNTRY_K, country_h, clock)
+    out[18] = out[8] if amount >= LARGE_AMOUNT_MINOR else 0.0
+    row[P_LAST_TS] = t
+
+
+@njit(cache=True)
+def payer_update(rows: np.ndarray, row_idx: np.ndarray, ts_ms: np.ndarray, amount: np.ndarray,
+                 failed: np.ndarray, payee_h: np.ndarray, device_h: np.ndarray, ip_h: np.ndarray,
+                 country_h: np.ndarray, payment_h: np.ndarray, out: np.ndarray, dup: np.ndarray) -> None:
+    """Apply payments i = 0..n-1 in order to rows[row_idx[i]]; features to out[i]."""
+    scratch = np.empty(rows.shape[1], dtype=np.float64)
+    for i in range(row_idx.shape[0]):
+        row = rows[row_idx[i]]
+        if _seen(row, P_DEDUPE, DEDUPE_K, payment_h[i]):
+            dup[i] = True
+            scratch[:] = row
+            _payer_step(scratch, ts_ms[i], amount[i], failed[i], payee_h[i], device_h[i], ip_h[i],
+                        country_h[i], out[i])
+            continue
+        dup[i] = False
+        _payer_step(row, ts_ms[i], amount[i], failed[i], payee_h[i], device_h[i], ip_h[i],
+                    country_h[i], out[i])
+        _remember(row, P_DEDUPE, DEDUPE_K, P_DEDUPE_NEXT, payment_h[i])
+
+
+# ---------------------------------------------------------------------------- payee
+@njit(cache=True, inline="always")
+def _payee_step(row: np.ndarray, ts_ms: int, amount: int, payer_h: int, out: np.ndarray) -> None:
+    t = max(float(ts_ms), row[PE_LAST_TS])
+    n_b = int(N_BUCKETS[1])
+    _advance(row, PE_WINDOW, PAYEE_Q, n_b, int(t) // int(BUCKET_MS[1]))
+    _add(row, PE_WINDOW, PAYEE_Q, n_b, 0, 1.0)
+    _add(row, PE_WINDOW, PAYEE_Q, n_b, 1, float(amount))
+    # Fan-in: refresh this payer's last-seen time, or take the slot of the payer seen
+    # longest ago (empty slots first).
+    value = float(payer_h)
+    slot = -1
+    victim = 0
+    oldest = np.inf
+    for i in range(FANIN_K):
+        stored = row[PE_FANIN + i]
+        if stored == value:
+            slot = i
+            break
+        if stored == 0.0:
+            if oldest > -1.0:
+                victim, oldest = i, -1.0
+        elif row[PE_FANIN + FANIN_K + i] < oldest:
+            victim, oldest = i, row[PE_FANIN + FANIN_K + i]
+    if slot < 0:
+        slot = victim
+        row[PE_FANIN + slot] = value
+    row[PE_FANIN + FANIN_K + slot] = t
+    n1 = 0.0
+    n24 = 0.0
+    for i in range(FANIN_K):
+        if row[PE_FANIN + i] != 0.0:
+            age = t - row[PE_FANIN + FANIN_K + i]
+            if age < FANIN_WINDOWS_MS[0]:
+                n1 += 1.0
+            if age < FANIN_WINDOWS_MS[1]:
+                n24 += 1.0
+    out[0] = n1
+    out[1] = n24
+    out[2] = row[PE_WINDOW + 1]
+    out[3] = row[PE_WINDOW + 2]
+    row[PE_SEEN] += 1.0
+    row[PE_LAST_TS] = t
+
+
+@njit(cache=True)
+def payee_update(rows: np.ndarray, row_idx: np.ndarray, ts_ms: np.ndarray, amount: np.ndarray,
+                 payer_h: np.ndarray, payment_h: np.ndarray, out: np.ndarray, dup: np.ndarray) -> None:
+    """Apply payments i = 0..n-1 in order to payee rows[row_idx[i]]; features to out[i]."""
+    scratch = np.empty(rows.shape[1], dtype=np.float64)
+    for i in range(row_idx.shape[0]):
+        row = rows[row_idx[i]]
+        if _seen(row, PE_DEDUPE, DEDUPE_K, payment_h[i]):
+            dup[i] = True
+            scratch[:] = row
+            _payee_step(scratch, ts_ms[i], amount[i], payer_h[i], out[i])
+            continue
+        dup[i] = False
+        _payee_step(row, ts_ms[i], amount[i], payer_h[i], out[i])
+        _remember(row, PE_DEDUPE, DEDUPE_K, PE_DEDUPE_NEXT, payment_h[i])
+
+
+# ---------------------------------------------------------------------------- views
+@njit(cache=True)
+def payer_windows_at(row: np.ndarray, now_ms: int, out: np.ndarray) -> None:
+    """Window totals of a payer row as of `now_ms` (the row is not changed):
+    out[w * PAYER_Q + q] for window w, quantity q."""
+    scratch = row.copy()
+    t = max(now_ms, int(scratch[P_LAST_TS]))
+    bases = (PW0, PW1, PW2)
+    for w in range(3):
+        base = bases[w]
+        _advance(scratch, base, PAYER_Q, int(N_BUCKETS[w]), t // int(BUCKET_MS[w]))
+        for q in range(PAYER_Q):
+            out[w * PAYER_Q + q] = scratch[base + 1 + q]
+
+
+@njit(cache=True)
+def payee_windows_at(row: np.ndarray, now_ms: int, out: np.ndarray) -> None:
+    """out = [fanin_1h, fanin_24h, count_1h, sum_1h] of a payee row as of `now_ms`."""
+    scratch = row.copy()
+    t = max(float(now_ms), scratch[PE_LAST_TS])
+    _advance(scratch, PE_WINDOW, PAYEE_Q, int(N_BUCKETS[1]), int(t) // int(BUCKET_MS[1]))
+    n1 = 0.0
+    n24 = 0.0
+    for i in range(FANIN_K):
+        if scratch[PE_FANIN + i] != 0.0:
+            age = t - scratch[PE_FANIN + FANIN_K + i]
+            if age < FANIN_WINDOWS_MS[0]:
+                n1 += 1.0
+            if age < FANIN_WINDOWS_MS[1]:
+                n24 += 1.0
+    out[0] = n1
+    out[1] = n24
+    out[2] = scratch[PE_WINDOW + 1]
+    out[3] = scratch[PE_WINDOW + 2]
+
+
+def check_payer_row(row: np.ndarray) -> None:
+    """Refuse a row of another layout or with broken cursors (asserted at load)."""
+    assert row.shape == (PAYER_WIDTH,), f"payer row has {row.shape}, expected ({PAYER_WIDTH},)"
+    assert row[P_VERSION] == LAYOUT_VERSION, f"payer row layout {row[P_VERSION]} != {LAYOUT_VERSION}"
+    assert 0 <= row[P_DEDUPE_NEXT] < DEDUPE_K and row[P_SEEN] >= 0
+
+
+def check_payee_row(row: np.ndarray) -> None:
+    assert row.shape == (PAYEE_WIDTH,), f"payee row has {row.shape}, expected ({PAYEE_WIDTH},)"
+    assert row[PE_VERSION] == LAYOUT_VERSION, f"payee row layout {row[PE_VERSION]} != {LAYOUT_VERSION}"
+    assert 0 <= row[PE_DEDUPE_NEXT] < DEDUPE_K and row[PE_SEEN] >= 0
