@@ -25,6 +25,8 @@ from streams import identity as events
 log = logging.getLogger("fintide.identity.events")
 RELAY_BATCH = 100
 RELAY_IDLE_S = 1.0
+# Any constant unique among Fintide's advisory locks; every identity relay uses it.
+RELAY_LOCK_ID = 0x49444F42
 
 
 def new_meta(user_id: uuid.UUID) -> dict[str, Any]:
@@ -42,21 +44,27 @@ async def relay(ctx: IdentityContext, publisher: Any = None) -> int:
 
     With no publisher the rows simply wait in the outbox (Kafka down or not wired).
     Kafka trouble never fails the caller's request: it logs and stops; the next relay retries.
+    One relay at a time (the API after a commit, the worker's timer): a transaction-scoped
+    advisory lock keeps rows from being published twice and keeps each user's events in order;
+    a relay that finds the lock taken publishes nothing and leaves the rows to the holder.
     """
     publisher = publisher if publisher is not None else ctx.publisher
     if publisher is None:
         return 0
-    rows = await db.unpublished(ctx.pool, RELAY_BATCH)
-    published: list[int] = []
-    try:
-        for row in rows:
-            event = events.EVENTS.decode(msgspec.json.encode(row["payload"]))
-            await publisher.publish(events.TOPIC, row["key"], event)
-            published.append(row["seq"])
-    except Exception:  # noqa: BLE001 - see docstring
-        log.warning("identity event relay stopped early", exc_info=True)
-    if published:
-        await db.mark_published(ctx.pool, published)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK_ID):
+            return 0
+        rows = await db.unpublished(conn, RELAY_BATCH)
+        published: list[int] = []
+        try:
+            for row in rows:
+                event = events.EVENTS.decode(msgspec.json.encode(row["payload"]))
+                await publisher.publish(events.TOPIC, row["key"], event)
+                published.append(row["seq"])
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("identity event relay stopped early", exc_info=True)
+        if published:
+            await db.mark_published(conn, published)
     return len(published)
 
 

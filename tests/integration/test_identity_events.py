@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import msgspec
 import uvicorn
 
 import asyncpg
@@ -16,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from ops.embedded import free_port
 from db.engine import create_pool
 from redis.asyncio import Redis
 from ops.settings import Settings
@@ -89,7 +91,9 @@ async def test_events_are_published_to_kafka_keyed_by_user_and_marked_in_the_out
 
 async def test_events_recorded_while_kafka_is_away_are_relayed_later(settings: Settings) -> None:
     await ensure_topics(settings, [events.EVENTS])
-    async with AsyncTestClient(app=create_app(settings)) as client:  # no publisher: events wait in the outbox
+    # The API starts while Kafka is unreachable: no publisher, so events wait in the outbox.
+    away = msgspec.structs.replace(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    async with AsyncTestClient(app=create_app(away)) as client:
         me = await register_and_login(client)
     pool, redis = await create_pool(settings.database_url), Redis.from_url(settings.redis_url)
     try:

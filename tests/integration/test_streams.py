@@ -9,17 +9,13 @@ The last test stops the worker, so it must stay last.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import msgspec
@@ -35,36 +31,21 @@ from streams.ops import HEARTBEATS, Heartbeat
 from streams.publisher import EventPublisher
 from streams.topics import dlq_name, ensure_topics, full_name
 from streams.worker import web_url_path
+from tests.helpers.workers import START_TIMEOUT_S, WorkerProcess, get_json, wait_for
+from tests.helpers.workers import start_worker as start_workers_process
 from tables.ops import HEARTBEAT_TABLE, HeartbeatState
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 40.0
 WAIT_TIMEOUT_S = 25.0
-STOP_TIMEOUT_S = 20.0
-T = TypeVar("T")
 
 
-@dataclass
-class WorkerProcess:
-    settings: Settings
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
+async def start_worker(settings: Settings) -> WorkerProcess:
+    # Ready when this worker holds heartbeat-table partitions: the group join has completed.
+    return await start_workers_process(settings, ("agents.ops",), ready=_owns_partitions)
 
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self) -> int:
-        """SIGTERM, as an orchestrator would; kill the group only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                raise AssertionError(f"worker ignored SIGTERM for {STOP_TIMEOUT_S} s:\n{self.log_tail()}")
-        return self.proc.returncode
+async def _owns_partitions(worker: WorkerProcess) -> bool:
+    report = await get_json(worker.url + "/ops/")
+    return bool(report and table_report(report)["active_partitions"])
 
 
 @dataclass
@@ -79,67 +60,6 @@ class Ledger:
     @property
     def sent(self) -> int:
         return self.valid + self.dead
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
-    env.update({
-        "FINTIDE_ENV": "test", "FINTIDE_LOG_LEVEL": "INFO",
-        "FINTIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FINTIDE_DATA_DIR": settings.data_dir,
-        "FINTIDE_TOPIC_PREFIX": settings.topic_prefix, "FINTIDE_APP_ID": settings.app_id,
-        "FINTIDE_WORKER_ID": settings.worker_id, "FINTIDE_WORKER_WEB_PORT": "0",
-    })
-    return env
-
-
-async def start_worker(settings: Settings) -> WorkerProcess:
-    log_path = Path(settings.data_dir) / f"{settings.worker_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.worker", "--agents", "agents.ops"],
-                                cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    worker = WorkerProcess(settings, proc, log_path)
-    try:
-        worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "web.url")
-        # Ready when this worker holds table partitions: the group join has completed.
-        await wait_for(lambda: _owns_partitions(worker), START_TIMEOUT_S, "partition assignment")
-    except BaseException:
-        worker.proc.kill()
-        worker.proc.wait(5)
-        raise
-    return worker
-
-
-async def _read_url(worker: WorkerProcess) -> str | None:
-    assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
-    path = web_url_path(worker.settings)
-    return path.read_text().strip() if path.exists() else None
-
-
-async def _owns_partitions(worker: WorkerProcess) -> bool:
-    report = await get_json(worker.url + "/ops/")
-    return bool(report and table_report(report)["active_partitions"])
-
-
-async def wait_for(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-async def get_json(url: str) -> Any:
-    async with httpx.AsyncClient(timeout=10) as client:
-        try:
-            response = await client.get(url)
-        except httpx.TransportError:
-            return None
-    return response.json() if response.status_code == 200 else None
 
 
 def table_report(report: dict[str, Any]) -> dict[str, Any]:
