@@ -16,7 +16,7 @@ from api.auth import AuthUser, identity_context
 from api.problems import Problem
 from api.ratelimit import client_ip
 from api.resources import Resources
-from services.notify import Notifier, notifier_from_env
+from services.notify import Notifier, notifier_for
 
 PAGE_DEFAULT = 20
 PAGE_MAX = 100
@@ -27,7 +27,7 @@ async def provide_notifier(state: State, resources: Resources) -> Notifier:
     """One notifier per app, built from the environment on first use."""
     notifier = getattr(state, "notifier", None)
     if notifier is None:
-        notifier = notifier_from_env(resources.settings, resources.redis)
+        notifier = notifier_for(resources.settings, resources.redis)
         state.notifier = notifier
     return notifier
 

@@ -13,7 +13,9 @@ from typing import Any
 import msgspec
 
 ENV_PREFIX = "FINTIDE_"
-SECRET_FIELDS = frozenset({"jwt_secret", "pii_key", "admin_password", "gateway_webhook_secret"})
+# Masked whole by `redacted()`; the notifier URLs carry provider credentials.
+SECRET_FIELDS = frozenset({"jwt_secret", "pii_key", "admin_password", "gateway_webhook_secret",
+                           "notify_email", "notify_sms"})
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789abcdef"
 
 
@@ -61,6 +63,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cors_origins: str = "*"
     trusted_proxies: str = ""
     gateway_webhook_secret: str = "dev-webhook-secret"
+    # Where OTP and other messages go: "outbox" (the dev outbox), or a provider URL such as
+    # smtp://user:pass@host:587?from=a@b&starttls=1, sendgrid://KEY@api.sendgrid.com?from=a@b,
+    # twilio://SID:TOKEN@api.twilio.com?from=%2B1555... (services/notify.py).
+    notify_email: str = "outbox"
+    notify_sms: str = "outbox"
 
     feed_enabled: bool = True
     feed_symbols: str = "BTCUSD,ETHUSD,AAPL,MSFT,EURUSD"

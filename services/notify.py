@@ -10,7 +10,7 @@
   (basic auth with account SID and auth token).
 - ChannelRouter: email and SMS to different notifiers.
 
-Configuration (environment, read by `notifier_from_env`):
+Configuration (settings `notify_email` / `notify_sms`, read by `notifier_for`):
   FINTIDE_NOTIFY_EMAIL = outbox | smtp://user:pass@host:587?from=no-reply@x&starttls=1
                          | sendgrid://API_KEY@api.sendgrid.com?from=no-reply@x
   FINTIDE_NOTIFY_SMS   = outbox | twilio://ACCOUNT_SID:AUTH_TOKEN@api.twilio.com?from=%2B15550001111
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import smtplib
 import uuid
 from collections.abc import Mapping
@@ -180,10 +179,9 @@ def notifier_from_url(url: str, redis: Redis) -> Notifier:
     raise ValueError(f"unknown notifier scheme {parts.scheme!r}")
 
 
-def notifier_from_env(settings: Settings, redis: Redis, environ: Mapping[str, str] | None = None) -> Notifier:
-    environ = os.environ if environ is None else environ
-    email_url = environ.get("FINTIDE_NOTIFY_EMAIL", "outbox")
-    sms_url = environ.get("FINTIDE_NOTIFY_SMS", "outbox")
-    if settings.env == "prod" and "outbox" in (email_url, sms_url):
+def notifier_for(settings: Settings, redis: Redis) -> Notifier:
+    """The email and SMS notifiers chosen by FINTIDE_NOTIFY_EMAIL / FINTIDE_NOTIFY_SMS."""
+    if settings.env == "prod" and "outbox" in (settings.notify_email, settings.notify_sms):
         log.warning("notifications go to the dev outbox in prod; set FINTIDE_NOTIFY_EMAIL / FINTIDE_NOTIFY_SMS")
-    return ChannelRouter(email=notifier_from_url(email_url, redis), sms=notifier_from_url(sms_url, redis))
+    return ChannelRouter(email=notifier_from_url(settings.notify_email, redis),
+                         sms=notifier_from_url(settings.notify_sms, redis))

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from email import message_from_bytes
 from typing import Any
 
+import msgspec
 import pytest
 import uvicorn
 from aiosmtpd.controller import Controller
@@ -142,11 +143,11 @@ async def test_notifier_urls_build_the_configured_adapters(provider_url: str) ->
         notifier_from_url("carrier-pigeon://x", None)  # type: ignore[arg-type]
 
 
-async def test_otp_by_email_goes_out_over_smtp_when_configured(settings: Settings, smtp_server: tuple[int, Inbox],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_otp_by_email_goes_out_over_smtp_when_configured(settings: Settings,
+                                                                smtp_server: tuple[int, Inbox]) -> None:
     port, inbox = smtp_server
-    monkeypatch.setenv("FINTIDE_NOTIFY_EMAIL", f"smtp://127.0.0.1:{port}?from=no-reply@fintide.test")
-    async with AsyncTestClient(app=create_app(settings)) as client:
+    smtp = msgspec.structs.replace(settings, notify_email=f"smtp://127.0.0.1:{port}?from=no-reply@fintide.test")
+    async with AsyncTestClient(app=create_app(smtp)) as client:
         me = await register_and_login(client)
         sent = await client.post("/api/v1/auth/otp/send", headers=me.headers, json={"channel": "email"})
         assert sent.status_code == 202
@@ -158,10 +159,9 @@ async def test_otp_by_email_goes_out_over_smtp_when_configured(settings: Setting
         assert verified.status_code == 200
 
 
-async def test_failed_delivery_is_503_and_leaves_no_usable_code(settings: Settings,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINTIDE_NOTIFY_EMAIL", f"smtp://127.0.0.1:{free_port()}?from=no-reply@fintide.test")
-    async with AsyncTestClient(app=create_app(settings)) as client:
+async def test_failed_delivery_is_503_and_leaves_no_usable_code(settings: Settings) -> None:
+    dead = msgspec.structs.replace(settings, notify_email=f"smtp://127.0.0.1:{free_port()}?from=no-reply@fintide.test")
+    async with AsyncTestClient(app=create_app(dead)) as client:
         me = await register_and_login(client)
         failed = await client.post("/api/v1/auth/otp/send", headers=me.headers, json={"channel": "email"})
         assert failed.status_code == 503
