@@ -7,12 +7,18 @@ Standard library only: it runs before anything is installed.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 import sys
-import venv
-from pathlib import Path
+
+# Run as `python3 ops/bootstrap.py`, this folder is first on sys.path and ops/logging.py
+# would shadow the standard library's logging (which venv imports): drop it first.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+import venv  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"

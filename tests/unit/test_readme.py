@@ -24,3 +24,15 @@ def test_the_quick_start_is_the_ci_command():
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert "python3 ops/bootstrap.py test" in README and "python3 ops/bootstrap.py test" in ci
     assert "python3 ops/bootstrap.py up" in README
+
+
+def test_the_bootstrap_runs_on_a_bare_python_without_shadowing_the_stdlib():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    # No arguments: prints its usage and exits 2, having imported venv (and so logging).
+    out = subprocess.run([sys.executable, "-I", str(root / "ops" / "bootstrap.py")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "Quick start" in out.stdout
