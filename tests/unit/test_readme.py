@@ -32,7 +32,7 @@ def test_the_bootstrap_runs_on_a_bare_python_without_shadowing_the_stdlib():
 
     root = Path(__file__).resolve().parents[2]
     # No arguments: prints its usage and exits 2, having imported venv (and so logging).
-    out = subprocess.run([sys.executable, "-I", str(root / "ops" / "bootstrap.py")],
+    out = subprocess.run([sys.executable, str(root / "ops" / "bootstrap.py")],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2, out.stderr
     assert "Quick start" in out.stdout
