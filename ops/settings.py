@@ -15,7 +15,7 @@ import msgspec
 ENV_PREFIX = "FINTIDE_"
 # Masked whole by `redacted()`; the notifier URLs carry provider credentials.
 SECRET_FIELDS = frozenset({"jwt_secret", "pii_key", "admin_password", "gateway_webhook_secret",
-                           "notify_email", "notify_sms"})
+                           "notify_email", "notify_sms", "gateway_api_key"})
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789abcdef"
 
 
@@ -63,6 +63,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cors_origins: str = "*"
     trusted_proxies: str = ""
     gateway_webhook_secret: str = "dev-webhook-secret"
+    # A Stripe-style payment gateway (services/gateway.py HttpGateway); empty: the simulator.
+    gateway_url: str = ""
+    gateway_api_key: str = ""
+    # Payments saga (agents/payments.py). The fraud step: who answers fraud.requests
+    # ("passthrough" allows everything; "model" is the fraud service's scorer), how long the
+    # saga waits for a decision, and up to which amount it then lets a payment through
+    # (fail-open) rather than failing it (fail-closed, reason risk_timeout).
+    fraud_scorer: str = "passthrough"
+    fraud_budget_ms: int = 2000
+    fraud_fail_open_limit_minor: int = 10_000
+    # Messages a payments agent takes per batch and how long it waits to fill one; how
+    # often the outbox relay polls when it found nothing.
+    payments_batch_max: int = 1000
+    payments_batch_wait_ms: int = 10
+    payments_relay_interval_ms: int = 20
     # Where OTP and other messages go: "outbox" (the dev outbox), or a provider URL such as
     # smtp://user:pass@host:587?from=a@b&starttls=1, sendgrid://KEY@api.sendgrid.com?from=a@b,
     # twilio://SID:TOKEN@api.twilio.com?from=%2B1555... (services/notify.py).
@@ -122,3 +137,16 @@ def _check(settings: Settings) -> None:
         raise ValueError("FINTIDE_JWT_SECRET must be set in prod")
     if len(settings.jwt_secret) < 32:
         raise ValueError("FINTIDE_JWT_SECRET must be at least 32 characters")
+    _check_payments(settings)
+
+
+def _check_payments(settings: Settings) -> None:
+    if settings.fraud_scorer not in ("passthrough", "model"):
+        raise ValueError(f"FINTIDE_FRAUD_SCORER must be passthrough or model, not {settings.fraud_scorer!r}")
+    if not 1 <= settings.fraud_budget_ms <= 600_000 or settings.fraud_fail_open_limit_minor < 0:
+        raise ValueError("FINTIDE_FRAUD_BUDGET_MS must be 1..600000 and FINTIDE_FRAUD_FAIL_OPEN_LIMIT_MINOR >= 0")
+    if not 1 <= settings.payments_batch_max <= 4096 or not 1 <= settings.payments_batch_wait_ms <= 10_000 \
+            or not 1 <= settings.payments_relay_interval_ms <= 10_000:
+        raise ValueError("FINTIDE_PAYMENTS_BATCH_MAX must be 1..4096, the batch wait and relay interval 1..10000 ms")
+    if settings.gateway_url and not settings.gateway_api_key:
+        raise ValueError("FINTIDE_GATEWAY_API_KEY is required with FINTIDE_GATEWAY_URL")
