@@ -8,4 +8,7 @@ which declares that service's agents (and the tables and views they need) on the
 AGENT_MODULES: list[str] = [
     "agents.ops",
     "agents.identity",
+    "agents.payments",
+    "agents.fraud_passthrough",
+    "agents.market",
 ]
