@@ -15,9 +15,16 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from ops.embedded import LOOPBACK, PG_USER, EmbeddedStack
 from ops.settings import Settings, load_settings
+
+# CI runs every property test on a fixed sequence of examples, so a red run is reproducible
+# and never depends on a lucky draw; local runs keep exploring new examples.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 TEMPLATE_DB = "fintide_template"
 _db_counter = itertools.count()
