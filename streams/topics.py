@@ -31,7 +31,8 @@ log = logging.getLogger("fintide.streams.topics")
 E = TypeVar("E")
 
 # Modules that declare topics; ensure_topics imports them all. Services append theirs.
-CATALOG_MODULES: list[str] = ["streams.ops", "streams.identity", "streams.market", "streams.fraud"]
+CATALOG_MODULES: list[str] = ["streams.ops", "streams.identity", "streams.market", "streams.fraud",
+                              "streams.payments"]
 
 DLQ_SUFFIX = ".dlq"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
