@@ -12,10 +12,11 @@ keep it deadlock-free and correct (docs/PAYMENTS.md):
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -64,6 +65,9 @@ class Balance(msgspec.Struct, frozen=True):
     posted_minor: int
     reserved_minor: int
     last_seq: int
+    # The balance's version: strictly increasing with every change of the row (write_journal
+    # sets it under the row lock), so consumers of balance events can order them.
+    updated_at: datetime | None = None
 
     @property
     def available_minor(self) -> int:
@@ -231,7 +235,7 @@ async def get_accounts(conn: asyncpg.Connection, account_ids: Iterable[UUID]) ->
     return {r["id"]: _row(Account, r) for r in rows}
 
 
-_BALANCE_COLUMNS = "account_id, currency, allow_overdraft, posted_minor, reserved_minor, last_seq"
+_BALANCE_COLUMNS = "account_id, currency, allow_overdraft, posted_minor, reserved_minor, last_seq, updated_at"
 
 
 async def get_balance(conn: asyncpg.Connection, account_id: UUID) -> Balance | None:
@@ -279,6 +283,13 @@ class OutboxMessage:
     topic: str
     key: str
     payload: bytes  # JSON
+
+
+class LateOutbox(Protocol):
+    """An outbox message that needs the balances as they will be after the write (a ledger
+    event carrying them); write_journal renders it with its projection."""
+
+    def render(self, after: Mapping[UUID, Balance]) -> OutboxMessage: ...
 
 
 @dataclass(slots=True)
@@ -341,16 +352,30 @@ UPDATE payments.balances AS b
 SET posted_minor = b.posted_minor + d.posted_delta,
     reserved_minor = b.reserved_minor + d.reserved_delta,
     last_seq = b.last_seq + d.seq_delta,
-    updated_at = now()
-FROM unnest($15::uuid[], $16::bigint[], $17::bigint[], $18::bigint[]) AS d (account_id, posted_delta, reserved_delta, seq_delta)
+    updated_at = d.updated_at
+FROM unnest($15::uuid[], $16::bigint[], $17::bigint[], $18::bigint[], $19::timestamptz[])
+     AS d (account_id, posted_delta, reserved_delta, seq_delta, updated_at)
 WHERE b.account_id = d.account_id
-RETURNING b.account_id, b.currency, b.allow_overdraft, b.posted_minor, b.reserved_minor, b.last_seq
+RETURNING b.account_id, b.currency, b.allow_overdraft, b.posted_minor, b.reserved_minor, b.last_seq, b.updated_at
 """
+_ONE_MICROSECOND = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def next_versions(locked: Mapping[UUID, Balance], account_ids: Iterable[UUID]) -> dict[UUID, datetime]:
+    """New `updated_at` for changed balances: now, but always after the previous version
+    (held under the row lock), so versions grow strictly even if clocks disagree."""
+    now = _EPOCH + timedelta(microseconds=time.time_ns() // 1000)
+    out: dict[UUID, datetime] = {}
+    for a in account_ids:
+        previous = locked[a].updated_at
+        out[a] = now if previous is None or now > previous else previous + _ONE_MICROSECOND
+    return out
 
 
 async def write_journal(conn: asyncpg.Connection, locked: Mapping[UUID, Balance], entries: Sequence[Entry],
                         reserved_delta_by_account: Mapping[UUID, int],
-                        outbox: Sequence[OutboxMessage]) -> dict[UUID, Balance]:
+                        outbox: Sequence[OutboxMessage | LateOutbox]) -> dict[UUID, Balance]:
     """Write journal transactions, balance changes and outbox rows in one statement.
 
     `locked` must hold every account the entries and reservation changes touch, locked by
@@ -363,6 +388,11 @@ async def write_journal(conn: asyncpg.Connection, locked: Mapping[UUID, Balance]
     changed = {a: p for a, p in projected.items()
                if (p.posted_minor, p.reserved_minor, p.last_seq)
                != (locked[a].posted_minor, locked[a].reserved_minor, locked[a].last_seq)}
+    versions = next_versions(locked, changed)
+    expected = {**locked, **{a: msgspec.structs.replace(locked[a], posted_minor=p.posted_minor,
+                                                        reserved_minor=p.reserved_minor, last_seq=p.last_seq,
+                                                        updated_at=versions[a]) for a, p in changed.items()}}
+    outbox = [m if isinstance(m, OutboxMessage) else m.render(expected) for m in outbox]
     rows = await conn.fetch(
         _WRITE_JOURNAL,
         [e.id for e in entries], [e.kind for e in entries], [e.reference_id for e in entries],
@@ -372,14 +402,14 @@ async def write_journal(conn: asyncpg.Connection, locked: Mapping[UUID, Balance]
         [m.topic for m in outbox], [m.key for m in outbox], [m.payload.decode() for m in outbox],
         list(changed), [p.posted_minor - locked[a].posted_minor for a, p in changed.items()],
         [p.reserved_minor - locked[a].reserved_minor for a, p in changed.items()],
-        [p.last_seq - locked[a].last_seq for a, p in changed.items()])
+        [p.last_seq - locked[a].last_seq for a, p in changed.items()], [versions[a] for a in changed])
     after = {r["account_id"]: _row(Balance, r) for r in rows}
-    # After the read-back: the database holds exactly the balances we projected.
+    # After the read-back: the database holds exactly the balances we projected (and the
+    # balances the ledger events in the outbox carry).
     invariant(set(after) == set(changed), "balance rows updated differ from the rows projected")
     for account_id, balance in after.items():
-        p = changed[account_id]
-        if (balance.posted_minor, balance.reserved_minor, balance.last_seq) != (p.posted_minor, p.reserved_minor, p.last_seq):
-            raise InvariantViolation(f"account {account_id} read back {balance} but {p} was projected")
+        if balance != expected[account_id]:
+            raise InvariantViolation(f"account {account_id} read back {balance} but {expected[account_id]} was projected")
     return {**locked, **after}
 
 
@@ -516,6 +546,107 @@ async def mark_payments_posted(conn: asyncpg.Connection, payment_ids: Sequence[U
 async def get_payments(conn: asyncpg.Connection, payment_ids: Iterable[UUID]) -> dict[UUID, Payment]:
     rows = await conn.fetch("SELECT * FROM payments.payments WHERE id = ANY($1::uuid[])", list(set(payment_ids)))
     return {r["id"]: _row(Payment, r) for r in rows}
+
+
+# --------------------------------------------------------------------- saga batch writes
+
+async def lock_payments(conn: asyncpg.Connection, payment_ids: Iterable[UUID]) -> dict[UUID, Payment]:
+    """Lock payment rows in ascending id order (after their balances and holds)."""
+    ids = sorted(set(payment_ids))
+    invariant(len(ids) <= MAX_ROWS_PER_WRITE, "too many payments in one write")
+    rows = await conn.fetch("SELECT * FROM payments.payments WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", ids)
+    return {r["id"]: _row(Payment, r) for r in rows}
+
+
+async def insert_holds(conn: asyncpg.Connection, holds: Sequence[tuple[UUID, UUID, str, int, int, UUID | None]]) -> dict[UUID, Hold]:
+    """Insert pending holds (id, account, currency, amount, ttl_s, reference) in one statement."""
+    if not holds:
+        return {}
+    rows = await conn.fetch(
+        """INSERT INTO payments.holds (id, account_id, currency, amount_minor, expires_at, reference_id)
+           SELECT h.id, h.account_id, h.currency, h.amount_minor, now() + make_interval(secs => h.ttl_s), h.reference_id
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::float8[], $6::uuid[])
+                AS h (id, account_id, currency, amount_minor, ttl_s, reference_id)
+           RETURNING *""",
+        [h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds], [h[3] for h in holds],
+        [float(h[4]) for h in holds], [h[5] for h in holds])
+    invariant(len(rows) == len(holds), "a hold was not inserted")
+    return {r["id"]: _row(Hold, r) for r in rows}
+
+
+async def insert_payments(conn: asyncpg.Connection, payments: Sequence[Mapping[str, Any]]) -> list[Payment]:
+    """Insert payment rows (the keys insert_payment takes) in one statement."""
+    if not payments:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO payments.payments (id, payer_id, from_account_id, to_account_id, currency, amount_minor,
+                                         description, status, hold_id, failure_reason, steps)
+           SELECT p.id, p.payer_id, p.from_account_id, p.to_account_id, p.currency, p.amount_minor, p.description,
+                  p.status, p.hold_id, p.failure_reason, p.steps::jsonb
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[],
+                       $8::text[], $9::uuid[], $10::text[], $11::text[])
+                AS p (id, payer_id, from_account_id, to_account_id, currency, amount_minor, description, status,
+                      hold_id, failure_reason, steps)
+           RETURNING *""",
+        *([p[k] for p in payments] for k in ("id", "payer_id", "from_account_id", "to_account_id", "currency",
+                                              "amount_minor", "description", "status", "hold_id", "failure_reason")),
+        [msgspec.json.encode(p["steps"]).decode() for p in payments])
+    invariant(len(rows) == len(payments), "a payment was not inserted")
+    by_id = {r["id"]: _row(Payment, r) for r in rows}
+    return [by_id[p["id"]] for p in payments]
+
+
+class PaymentUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """One saga transition for update_payments: applied only from `expect`."""
+
+    id: UUID
+    expect: str
+    status: str
+    steps: list[dict[str, Any]]
+    hold_id: UUID | None = None
+    transaction_id: UUID | None = None
+    captured_minor: int | None = None
+    failure_reason: str | None = None
+
+
+async def update_payments(conn: asyncpg.Connection, updates: Sequence[PaymentUpdate]) -> list[Payment]:
+    """Apply saga transitions to many payments in one statement; each only from its `expect`
+    status (callers hold the row locks and checked it, so every update must apply)."""
+    if not updates:
+        return []
+    rows = await conn.fetch(
+        """UPDATE payments.payments AS p
+           SET status = u.status, steps = p.steps || u.steps::jsonb, hold_id = coalesce(u.hold_id, p.hold_id),
+               transaction_id = coalesce(u.transaction_id, p.transaction_id),
+               captured_minor = coalesce(u.captured_minor, p.captured_minor),
+               failure_reason = coalesce(u.failure_reason, p.failure_reason), updated_at = now()
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::bigint[], $8::text[])
+                AS u (id, expect, status, steps, hold_id, transaction_id, captured_minor, failure_reason)
+           WHERE p.id = u.id AND p.status = u.expect
+           RETURNING p.*""",
+        [u.id for u in updates], [u.expect for u in updates], [u.status for u in updates],
+        [msgspec.json.encode(u.steps).decode() for u in updates], [u.hold_id for u in updates],
+        [u.transaction_id for u in updates], [u.captured_minor for u in updates], [u.failure_reason for u in updates])
+    invariant(len(rows) == len(updates), f"{len(updates) - len(rows)} payment(s) changed state under their lock")
+    by_id = {r["id"]: _row(Payment, r) for r in rows}
+    return [by_id[u.id] for u in updates]
+
+
+async def open_payments_page(conn: asyncpg.Connection, after_id: UUID | None, limit: int) -> list[Payment]:
+    """Payments not yet completed or failed, by id (keyset pages; no locks)."""
+    rows = await conn.fetch(
+        "SELECT * FROM payments.payments WHERE status NOT IN ('completed', 'failed') "
+        "AND id > coalesce($1, '00000000-0000-0000-0000-000000000000'::uuid) ORDER BY id LIMIT $2", after_id, limit)
+    return [_row(Payment, r) for r in rows]
+
+
+async def balances_page(conn: asyncpg.Connection, after_id: UUID | None, limit: int) -> list[Balance]:
+    """Balance rows by account id (keyset pages; no locks): the projection's source."""
+    rows = await conn.fetch(
+        f"SELECT {_BALANCE_COLUMNS} FROM payments.balances "
+        "WHERE account_id > coalesce($1, '00000000-0000-0000-0000-000000000000'::uuid) "
+        "ORDER BY account_id LIMIT $2", after_id, limit)
+    return [_row(Balance, r) for r in rows]
 
 
 async def insert_refund(conn: asyncpg.Connection, refund_id: UUID, payment_id: UUID, currency: str,

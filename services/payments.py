@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 from uuid import UUID
 
 import asyncpg
@@ -178,6 +178,11 @@ async def open_wallet(conn: asyncpg.Connection, owner_id: UUID, currency: str) -
             existing = await db.find_wallet(conn, owner_id, currency)
             invariant(existing is not None, "wallet insert conflicted but no wallet exists")
             raise WalletExists(f"you already have a {currency} wallet", wallet_id=str(existing.id))
+        # Its first balance (zero) goes out like every other, so the hot projection knows it.
+        opened = await db.get_balance(conn, account.id)
+        invariant(opened is not None and opened.posted_minor == opened.reserved_minor == 0, "new wallet not at zero")
+        assert opened is not None
+        await db.insert_outbox(conn, [events.ledger_balance(opened)])
     invariant(account.owner_id == owner_id and account.currency == currency, "wallet row mismatch")
     return account
 
@@ -512,9 +517,32 @@ def _step(status: str, detail: str | None = None) -> dict[str, object]:
     return step
 
 
+class PaymentContext(msgspec.Struct, frozen=True):
+    """What the client sent with a payment request, for the fraud step (kept on the
+    payment's `initiated` step, so a saga re-driven from PostgreSQL still has it)."""
+
+    device_id: str = ""
+    ip: str = ""
+    country: str = ""
+
+    def check(self) -> PaymentContext:
+        if len(self.device_id) > 100 or len(self.ip) > 64:
+            raise InvalidRequest("device id (<= 100) or ip (<= 64 characters) too long", field="device_id")
+        if self.country and not (len(self.country) == 2 and self.country.isascii() and self.country.isupper()):
+            raise InvalidRequest("country must be an ISO 3166 alpha-2 code such as IN", field="country")
+        return self
+
+
+def _initiated_step(context: PaymentContext | None) -> dict[str, object]:
+    step = _step("initiated")
+    if context is not None:
+        step.update((k, v) for k, v in msgspec.structs.asdict(context).items() if v)
+    return step
+
+
 async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_id: UUID, from_account_id: UUID,
                            to_account_id: UUID, amount_minor: int, currency: str, description: str = "",
-                           hold_ttl_s: int = PAYMENT_HOLD_TTL_S) -> Payment:
+                           hold_ttl_s: int = PAYMENT_HOLD_TTL_S, context: PaymentContext | None = None) -> Payment:
     """Record a payment and reserve its funds in one transaction, with its saga events.
 
     Bad input (unknown wallets, another user's wallet, wrong currency, paying into the
@@ -525,6 +553,8 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
     _check_amount(amount_minor)
     _check_currency(currency)
     _check_text(description, "description")
+    if context is not None:
+        context.check()
     if from_account_id == to_account_id:
         raise SameAccount("cannot pay into the wallet the money comes from", field="to_wallet")
     accounts = await db.get_accounts(conn, [from_account_id, to_account_id])
@@ -545,7 +575,7 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
         if locked[from_account_id].available_minor < amount_minor:
             payment = await db.insert_payment(conn, {
                 **fields, "status": "failed", "hold_id": None, "failure_reason": "insufficient_funds",
-                "steps": [_step("initiated"), _step("failed", "insufficient_funds")]})
+                "steps": [_initiated_step(context), _step("failed", "insufficient_funds")]})
             await db.insert_outbox(conn, [events.payment_event(payment, "initiated"),
                                                           events.payment_event(payment)])
             return payment
@@ -554,7 +584,7 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
                       currency=currency, ttl_s=hold_ttl_s, reference_id=payment_id)
         payment = await db.insert_payment(conn, {
             **fields, "status": "funds_reserved", "hold_id": hold_id, "failure_reason": None,
-            "steps": [_step("initiated"), _step("funds_reserved")]})
+            "steps": [_initiated_step(context), _step("funds_reserved")]})
         await db.insert_outbox(conn, [events.payment_event(payment, "initiated"),
                                                       events.payment_event(payment)])
     return payment
@@ -669,6 +699,312 @@ async def fail_payment(conn: asyncpg.Connection, payment_id: UUID, reason: str) 
             raise InvalidState("payment changed state meanwhile; retry")
         await db.insert_outbox(conn, [events.payment_event(failed)])
     return failed
+
+
+# ---------------------------------------------------------------------------- saga batches
+# The saga's steps for many payments at once (agents/payments.py): one transaction and a
+# constant number of round trips per batch, in the global lock order (balances, holds,
+# payments), every step idempotent by payment id and applied only from the status it
+# expects, so redelivered, reordered or late messages change nothing.
+
+SAGA_BATCH_MAX: Final = 4_096
+# A payment under review keeps its money reserved this long for an analyst's decision;
+# after that the hold expires and the payment fails (nothing stays reserved forever).
+REVIEW_HOLD_TTL_S: Final = 3 * 24 * 3600
+
+
+class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One payment to initiate; `payment_id` is its idempotency key."""
+
+    payment_id: UUID
+    payer_id: UUID
+    from_account_id: UUID
+    to_account_id: UUID
+    amount_minor: int
+    currency: str
+    description: str = ""
+    context: PaymentContext = PaymentContext()
+    hold_ttl_s: int = PAYMENT_HOLD_TTL_S
+
+
+class InitiateResult(msgspec.Struct, frozen=True):
+    payment_id: UUID
+    # funds_reserved | failed (recorded, e.g. insufficient funds) | rejected (bad input:
+    # nothing written) | any status of a payment that already existed (new=False)
+    status: str
+    payment: Payment | None = None
+    reason: str | None = None
+    new: bool = False
+
+
+def _request_reason(r: PaymentRequest, accounts: dict[UUID, Account]) -> str | None:
+    """Why a request is bad input (nothing is written for it), or None."""
+    if isinstance(r.amount_minor, bool) or not isinstance(r.amount_minor, int) \
+            or not 0 < r.amount_minor <= MAX_AMOUNT_MINOR:
+        return "invalid_amount"
+    if r.currency not in CURRENCY_EXPONENTS:
+        return "invalid_currency"
+    if len(r.description) > MAX_DESCRIPTION_CHARS or not 1 <= r.hold_ttl_s <= MAX_HOLD_TTL_S:
+        return "invalid_request"
+    try:
+        r.context.check()
+    except InvalidRequest:
+        return "invalid_context"
+    if r.from_account_id == r.to_account_id:
+        return "same_account"
+    payer, payee = accounts.get(r.from_account_id), accounts.get(r.to_account_id)
+    if payer is None or payer.kind != "wallet" or payer.owner_id != r.payer_id \
+            or payee is None or payee.kind != "wallet":
+        return "unknown_account"
+    if payer.currency != r.currency or payee.currency != r.currency:
+        return "currency_mismatch"
+    return None
+
+
+async def initiate_payments(conn: asyncpg.Connection, requests: Sequence[PaymentRequest]) -> list[InitiateResult]:
+    """Record many payments and reserve their funds in one transaction (Kafka-in batches).
+
+    Like initiate_payment per item: bad input is `rejected` and writes nothing, too little
+    available money records the payment as failed (`insufficient_funds`), an id that
+    exists returns that payment (a redelivered request; `rejected`/`id_reused` if its
+    fields differ). Items reserve in order, each seeing the ones before it.
+    """
+    invariant(len(requests) <= SAGA_BATCH_MAX, f"initiate batch of {len(requests)} exceeds {SAGA_BATCH_MAX}")
+    accounts = await db.get_accounts(conn, {a for r in requests for a in (r.from_account_id, r.to_account_id)})
+    results: list[InitiateResult | None] = [None] * len(requests)
+    candidates: list[int] = []
+    for i, r in enumerate(requests):
+        reason = _request_reason(r, accounts)
+        if reason is None:
+            candidates.append(i)
+        else:
+            results[i] = InitiateResult(r.payment_id, "rejected", reason=reason)
+    if candidates:
+        async with conn.transaction():
+            await _initiate_locked(conn, requests, candidates, results)
+    final = [r for r in results if r is not None]
+    invariant(len(final) == len(requests), "an initiate item got no result")
+    return final
+
+
+async def _initiate_locked(conn: asyncpg.Connection, requests: Sequence[PaymentRequest], candidates: list[int],
+                           results: list[InitiateResult | None]) -> None:
+    locked = await db.lock_balances(conn, {requests[i].from_account_id for i in candidates})
+    # Checked under the payers' locks: a concurrent batch with the same id has committed or waits.
+    existing = await db.get_payments(conn, [requests[i].payment_id for i in candidates])
+    work = _Working(locked)
+    fresh: dict[UUID, tuple[int, bool]] = {}  # payment id -> (request index, reserved?)
+    for i in candidates:
+        r = requests[i]
+        prior = existing.get(r.payment_id)
+        if prior is not None:
+            results[i] = InitiateResult(r.payment_id, prior.status, prior) if _same_request(r, prior) \
+                else InitiateResult(r.payment_id, "rejected", reason="id_reused")
+        elif r.payment_id in fresh:
+            if _request_key(r) != _request_key(requests[fresh[r.payment_id][0]]):
+                results[i] = InitiateResult(r.payment_id, "rejected", reason="id_reused")
+        else:
+            fresh[r.payment_id] = (i, work.try_apply({}, {r.from_account_id: r.amount_minor}))
+    holds = await db.insert_holds(conn, [
+        (derived_id(pid, "hold"), r.from_account_id, r.currency, r.amount_minor, r.hold_ttl_s, pid)
+        for pid, (i, ok) in fresh.items() if ok for r in (requests[i],)])
+    reserved: dict[UUID, int] = defaultdict(int)
+    for h in holds.values():
+        reserved[h.account_id] += h.amount_minor
+    ledger = [events.hold_reserved(h.id, h.account_id, h.currency, h.amount_minor, h.reference_id, h.expires_at)
+              for h in holds.values()]
+    if ledger:
+        await db.write_journal(conn, locked, [], reserved, events.ledger_envelopes(ledger))
+    rows = [_new_payment_row(requests[i], ok) for i, ok in fresh.values()]
+    created = {p.id: p for p in await db.insert_payments(conn, rows)}
+    await db.insert_outbox(conn, events.payment_envelopes(
+        [m for p in created.values() for m in (events.payment_event(p, "initiated"), events.payment_event(p))]))
+    for i in candidates:
+        pid = requests[i].payment_id
+        if results[i] is None:
+            p = created[pid]
+            results[i] = InitiateResult(pid, p.status, p, p.failure_reason, new=fresh[pid][0] == i)
+
+
+def _request_key(r: PaymentRequest) -> tuple[UUID, UUID, UUID, int, str]:
+    return r.payer_id, r.from_account_id, r.to_account_id, r.amount_minor, r.currency
+
+
+def _same_request(r: PaymentRequest, p: Payment) -> bool:
+    return _request_key(r) == (p.payer_id, p.from_account_id, p.to_account_id, p.amount_minor, p.currency)
+
+
+def _new_payment_row(r: PaymentRequest, reserved: bool) -> dict[str, Any]:
+    first = _initiated_step(r.context)
+    last = _step("funds_reserved") if reserved else _step("failed", "insufficient_funds")
+    return {"id": r.payment_id, "payer_id": r.payer_id, "from_account_id": r.from_account_id,
+            "to_account_id": r.to_account_id, "currency": r.currency, "amount_minor": r.amount_minor,
+            "description": r.description, "status": "funds_reserved" if reserved else "failed",
+            "hold_id": derived_id(r.payment_id, "hold") if reserved else None,
+            "failure_reason": None if reserved else "insufficient_funds",
+            "steps": [first, last]}
+
+
+class RiskOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What to do with a payment once its risk is known (or its budget ran out)."""
+
+    payment_id: UUID
+    # The status the outcome applies to: funds_reserved for a model decision or a timeout,
+    # under_review for an analyst's decision. A payment in any other status is left alone.
+    expect: str
+    action: str  # capture | review | fail
+    reason: str | None = None  # the failure reason, for action == "fail"
+    detail: str = ""  # recorded on the step (score, source, policy)
+
+
+class SettleResult(msgspec.Struct, frozen=True):
+    payment_id: UUID
+    applied: bool
+    status: str  # the payment's status afterwards; "unknown" when there is no such payment
+    reason: str | None = None
+
+
+_RISK_ACTIONS: Final = frozenset({"capture", "review", "fail"})
+
+
+@dataclass(slots=True)
+class _SettlePlan:
+    """What one settle_risk transaction writes, collected before a single write_journal."""
+
+    entries: list[Entry]
+    reserved: dict[UUID, int]
+    resolutions: list[tuple[UUID, str, int | None, UUID | None, UUID | None]]
+    new_holds: list[tuple[UUID, UUID, str, int, int, UUID | None]]
+    ledger: list[events.LedgerOutbox]
+    updates: list[db.PaymentUpdate]
+
+
+async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome]) -> list[SettleResult]:
+    """Apply risk outcomes to many payments in one transaction.
+
+    capture: risk_assessed and posted at once (the hold moves to the payee); review: the
+    payment waits under_review with its money still reserved (the hold is replaced by one
+    that lasts REVIEW_HOLD_TTL_S); fail: the hold is voided and the payment fails with
+    `reason`. An outcome for a payment that is no longer in `expect` (a late or repeated
+    decision) is not applied. A hold that expired meanwhile fails the payment instead.
+    """
+    invariant(len(outcomes) <= SAGA_BATCH_MAX, "settle batch too large")
+    for o in outcomes:
+        if o.action not in _RISK_ACTIONS or (o.action == "fail") != (o.reason is not None):
+            raise InvalidRequest(f"bad risk outcome {o.action!r} (reason {o.reason!r})", field="action")
+    first: dict[UUID, RiskOutcome] = {}
+    for o in outcomes:
+        first.setdefault(o.payment_id, o)  # the first outcome for a payment wins
+    seen = await db.get_payments(conn, first)
+    todo = [o for o in first.values() if o.payment_id in seen and seen[o.payment_id].status == o.expect]
+    applied: dict[UUID, Payment] = {}
+    if todo:
+        async with conn.transaction():
+            applied = await _settle_locked(conn, todo, seen)
+    out: list[SettleResult] = []
+    for o in outcomes:
+        p = applied.get(o.payment_id) or seen.get(o.payment_id)
+        if p is None:
+            out.append(SettleResult(o.payment_id, False, "unknown", "unknown_payment"))
+        else:
+            out.append(SettleResult(o.payment_id, o is first[o.payment_id] and o.payment_id in applied, p.status,
+                                    p.failure_reason))
+    return out
+
+
+async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome], seen: dict[UUID, Payment]) -> dict[UUID, Payment]:
+    accounts = {a for o in todo for p in (seen[o.payment_id],)
+                for a in ((p.from_account_id, p.to_account_id) if o.action == "capture" else (p.from_account_id,))}
+    locked = await db.lock_balances(conn, accounts)
+    holds, db_now = await db.lock_holds(conn, [seen[o.payment_id].hold_id for o in todo if seen[o.payment_id].hold_id])
+    current = await db.lock_payments(conn, [o.payment_id for o in todo])
+    plan = _SettlePlan([], defaultdict(int), [], [], [], [])
+    work = _Working(locked)
+    for o in todo:
+        p = current[o.payment_id]
+        if p.status != o.expect:
+            continue  # moved on between the unlocked read and the locks
+        hold = holds.get(p.hold_id) if p.hold_id else None
+        invariant(hold is not None and hold.status == "pending",
+                  f"payment {p.id} is {p.status} but its hold is {hold.status if hold else 'missing'}")
+        assert hold is not None
+        if o.action == "capture":
+            _plan_capture(plan, p, o, hold, work, db_now)
+        elif o.action == "review":
+            _plan_review(plan, p, o, hold)
+        else:
+            _plan_fail(plan, p, hold, "voided", o.reason or "failed")
+    new_holds = await db.insert_holds(conn, plan.new_holds)
+    plan.ledger += [events.hold_reserved(h.id, h.account_id, h.currency, h.amount_minor, h.reference_id, h.expires_at)
+                    for h in new_holds.values()]
+    if plan.entries or plan.ledger:
+        await db.write_journal(conn, locked, plan.entries, plan.reserved, events.ledger_envelopes(plan.ledger))
+    resolved = await db.resolve_holds(conn, plan.resolutions)
+    invariant(all(h.posted_minor is None or h.posted_minor <= h.amount_minor for h in resolved),
+              "a hold posted more than it reserved")
+    updated = await db.update_payments(conn, plan.updates)
+    messages: list[OutboxMessage] = []
+    for p in updated:
+        if p.status == "posted" and seen[p.id].status != "risk_assessed":
+            messages.append(events.payment_event(p, "risk_assessed"))
+        messages.append(events.payment_event(p))
+    await db.insert_outbox(conn, events.payment_envelopes(messages))
+    return {p.id: p for p in updated}
+
+
+def _plan_capture(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold, work: _Working,
+                  db_now: datetime) -> None:
+    request = TransferRequest(id=derived_id(p.id, "capture"), from_account_id=p.from_account_id,
+                              to_account_id=p.to_account_id, amount_minor=p.amount_minor, currency=p.currency,
+                              hold_id=hold.id, reference_id=p.id, kind="payment", description=p.description)
+    reason = _admit(request, work, {hold.id: hold}, set(), db_now)
+    if reason == "hold_expired":
+        # The reservation ran out before the decision: nothing may move; release and fail.
+        _plan_fail(plan, p, hold, "expired", "reservation_expired")
+        return
+    invariant(reason is None, f"payment {p.id} could not post its own hold: {reason}")
+    plan.entries.append(Entry(request.id, "payment", p.currency,
+                              (Leg(p.from_account_id, -p.amount_minor), Leg(p.to_account_id, p.amount_minor)),
+                              reference_id=p.id, description=p.description))
+    plan.reserved[p.from_account_id] -= hold.amount_minor
+    plan.resolutions.append((hold.id, "posted", p.amount_minor, p.to_account_id, request.id))
+    plan.ledger += [events.transaction_posted(plan.entries[-1]),
+                    events.hold_resolved(hold, "posted", p.amount_minor, request.id)]
+    steps = [_step("posted")] if p.status == "risk_assessed" else [_step("risk_assessed", o.detail), _step("posted")]
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="posted", steps=steps,
+                                         transaction_id=request.id, captured_minor=p.amount_minor))
+
+
+def _plan_review(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold) -> None:
+    # Holds cannot be extended (a pending hold is immutable), so the reservation moves to
+    # a longer hold in the same transaction: the money never becomes available meanwhile.
+    review_hold = derived_id(p.id, "review-hold")
+    plan.resolutions.append((hold.id, "voided", None, None, None))
+    plan.ledger.append(events.hold_resolved(hold, "voided", None, None))
+    plan.new_holds.append((review_hold, p.from_account_id, p.currency, p.amount_minor, REVIEW_HOLD_TTL_S, p.id))
+    plan.reserved[p.from_account_id] += p.amount_minor - hold.amount_minor
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="under_review",
+                                         steps=[_step("under_review", o.detail)], hold_id=review_hold))
+
+
+def _plan_fail(plan: _SettlePlan, p: Payment, hold: Hold, hold_status: str, reason: str) -> None:
+    plan.resolutions.append((hold.id, hold_status, None, None, None))
+    plan.ledger.append(events.hold_resolved(hold, hold_status, None, None))
+    plan.reserved[p.from_account_id] -= hold.amount_minor
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="failed",
+                                         steps=[_step("failed", reason)], failure_reason=reason))
+
+
+async def complete_payments(conn: asyncpg.Connection, payment_ids: Sequence[UUID]) -> list[Payment]:
+    """Close the saga of posted payments (the last step); others are left alone."""
+    invariant(len(payment_ids) <= SAGA_BATCH_MAX, "complete batch too large")
+    async with conn.transaction():
+        current = await db.lock_payments(conn, payment_ids)
+        done = await db.update_payments(conn, [
+            db.PaymentUpdate(id=p.id, expect="posted", status="completed", steps=[_step("completed")])
+            for p in current.values() if p.status == "posted"])
+        await db.insert_outbox(conn, events.payment_envelopes([events.payment_event(p) for p in done]))
+    return done
 
 
 # --------------------------------------------------------------------------------- refunds
@@ -1109,7 +1445,9 @@ async def rebuild_balances(conn: asyncpg.Connection) -> int:
             WITH expected AS ({db.JOURNAL_VS_BALANCES})
             UPDATE payments.balances b
             SET posted_minor = e.journal_posted, reserved_minor = e.journal_reserved,
-                last_seq = e.journal_last_seq, updated_at = now()
+                last_seq = e.journal_last_seq,
+                -- A balance's version only grows (consumers of balance events order by it).
+                updated_at = greatest(now(), b.updated_at + interval '1 microsecond')
             FROM expected e
             WHERE b.account_id = e.account_id
               AND (b.posted_minor, b.reserved_minor, b.last_seq)
