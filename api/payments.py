@@ -1,4 +1,5 @@
-"""Payments REST: wallets, statements, deposits, refunds, payouts, escrow, trial balance, webhooks.
+"""Payments REST: wallets, statements, deposits, payments, refunds, payouts, escrow, trial
+balance, webhooks; and `WS /ws/payments`, the status changes of the user's own payments.
 
 Thin handlers: parse (msgspec, strict: an amount is an integer count of minor units, a
 float or string is a 422), check who may act, call services.payments, shape the answer.
@@ -8,25 +9,48 @@ wallet, payment or escrow is a 404, never a 403, so ids do not leak.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
 from typing import Annotated, Any, Final
 from uuid import UUID
 
 import msgspec
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, Router, WebSocket, get, post, websocket
+from litestar.channels import ChannelsPlugin
 from litestar.datastructures import State
+from litestar.exceptions import WebSocketDisconnect
 from msgspec import Meta
 
 from api.auth import AuthUser, ensure_owner_or_staff, requires_roles
 from api.idempotency import idempotent
 from api.problems import Problem, problem_response
+from api.ratelimit import client_ip
 from api.resources import Resources
+from api.ws_auth import authenticate_websocket
 from db import payments as db
 from services import payments
-from services.gateway import GatewayError, PaymentGateway, SimulatedGateway, WebhookError
-from services.money import CURRENCY_EXPONENTS, MAX_AMOUNT_MINOR, MoneyError, check_amount_minor
+from services.gateway import (
+    GatewayError,
+    HttpGateway,
+    PaymentGateway,
+    SimulatedGateway,
+    WebhookError,
+)
+from services.money import (
+    CURRENCY_EXPONENTS,
+    MAX_AMOUNT_MINOR,
+    MoneyError,
+    check_amount_minor,
+)
+from services.payments_events import user_channel
 
+log = logging.getLogger("fintide.api.payments")
 IDEMPOTENCY_TABLE: Final = "payments.idempotency_keys"
+# A WebSocket client that falls this many status messages behind is closed (1013, try
+# again later); it catches up with GET /payments/{id}.
+WS_MAX_BACKLOG: Final = 1_000
+WS_TRY_AGAIN_LATER: Final = 1013
 # Staff who may move money on a customer's behalf (auditors only read).
 MONEY_STAFF: Final = frozenset({"support", "admin"})
 
@@ -66,6 +90,42 @@ class EscrowIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     amount_minor: AmountMinor
     currency: Currency
     release_condition: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class PaymentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    from_wallet: UUID
+    to_wallet: UUID
+    amount_minor: AmountMinor
+    currency: Currency
+    description: Annotated[str, Meta(max_length=payments.MAX_DESCRIPTION_CHARS)] = ""
+
+
+class PaymentAccepted(msgspec.Struct, frozen=True):
+    id: UUID
+    status: str
+
+
+class PaymentStepOut(msgspec.Struct, frozen=True, omit_defaults=True):
+    status: str
+    at: str
+    detail: str | None = None
+
+
+class PaymentOut(msgspec.Struct, frozen=True):
+    id: UUID
+    status: str
+    payer_id: UUID
+    from_wallet: UUID
+    to_wallet: UUID
+    amount_minor: int
+    currency: str
+    description: str
+    failure_reason: str | None
+    captured_minor: int
+    refunded_minor: int
+    history: list[PaymentStepOut]
+    created_at: datetime
+    updated_at: datetime
 
 
 class WalletOut(msgspec.Struct, frozen=True):
@@ -151,6 +211,13 @@ class WebhookOut(msgspec.Struct, frozen=True):
     status: str  # applied | duplicate | ignored
 
 
+def _payment_out(p: db.Payment) -> PaymentOut:
+    history = [PaymentStepOut(str(step.get("status")), str(step.get("at")), step.get("detail")) for step in p.steps]
+    return PaymentOut(p.id, p.status, p.payer_id, p.from_account_id, p.to_account_id, p.amount_minor, p.currency,
+                      p.description, p.failure_reason, p.captured_minor, p.refunded_minor, history, p.created_at,
+                      p.updated_at)
+
+
 def _wallet_out(view: payments.WalletView) -> WalletOut:
     a, b = view.account, view.balance
     assert a.owner_id is not None
@@ -193,10 +260,15 @@ async def _strict_amount(request: Request[Any, Any, Any]) -> None:
 
 
 def gateway_of(state: State) -> PaymentGateway:
-    """The app's gateway: `app.state.payment_gateway` if set, else the embedded simulator."""
+    """The app's gateway: `app.state.payment_gateway` if set, else the Stripe-style HTTP
+    gateway at settings.gateway_url, else the embedded simulator."""
     gateway = getattr(state, "payment_gateway", None)
     if gateway is None:
-        gateway = SimulatedGateway(state.settings.gateway_webhook_secret)
+        settings = state.settings
+        if settings.gateway_url:
+            gateway = HttpGateway(settings.gateway_url, settings.gateway_api_key, [settings.gateway_webhook_secret])
+        else:
+            gateway = SimulatedGateway(settings.gateway_webhook_secret)
         state.payment_gateway = gateway
     return gateway
 
@@ -273,6 +345,94 @@ async def create_deposit(request: Request[Any, Any, Any], wallet_id: UUID, data:
         return (201 if deposit.status == "succeeded" else 202), _deposit_out(deposit)
 
     return await idempotent(request, pool, owner_id=user.id, table=IDEMPOTENCY_TABLE, work=work)
+
+
+# ----------------------------------------------------------------------------- payments
+
+def _payment_context(request: Request[Any, Any, Any]) -> payments.PaymentContext:
+    """Device, address and country for the fraud step; a malformed header is a 422."""
+    context = payments.PaymentContext(device_id=request.headers.get("x-device-id", "").strip(),
+                                      ip=client_ip(request, request.app.state.settings),
+                                      country=request.headers.get("x-country", "").strip().upper())
+    try:
+        return context.check()
+    except payments.PaymentsError as exc:
+        raise Problem(422, "validation-error", exc.detail,
+                      errors=[{"field": "X-Device-Id" if exc.field == "device_id" else "X-Country",
+                               "message": exc.detail, "source": "header"}]) from exc
+
+
+@post("/payments", status_code=202, summary="Pay from your wallet to another wallet (the saga runs after 202)",
+      description="202 with the payment's id and status (funds_reserved, or failed for insufficient funds); "
+                  "follow it with GET /payments/{id} or WS /ws/payments. Optional headers X-Device-Id and "
+                  "X-Country (ISO 3166 alpha-2) inform the fraud step.")
+async def create_payment(request: Request[Any, Any, Any], data: PaymentIn, resources: Resources) -> Response[bytes]:
+    user = _user(request)
+    await _strict_amount(request)
+    context = _payment_context(request)
+    pool = await resources.pool("payments")
+
+    async def work(effect_id: UUID) -> tuple[int, PaymentAccepted]:
+        async with pool.acquire() as conn:
+            payment = await payments.initiate_payment(
+                conn, payment_id=effect_id, payer_id=user.id, from_account_id=data.from_wallet,
+                to_account_id=data.to_wallet, amount_minor=data.amount_minor, currency=data.currency,
+                description=data.description, context=context)
+        return 202, PaymentAccepted(payment.id, payment.status)
+
+    return await idempotent(request, pool, owner_id=user.id, table=IDEMPOTENCY_TABLE, work=work)
+
+
+@get("/payments/{payment_id:uuid}", summary="A payment: status, history of saga steps, failure reason",
+     description="The payer or staff; anyone else gets 404.")
+async def get_payment(request: Request[Any, Any, Any], payment_id: UUID, resources: Resources) -> PaymentOut:
+    user = _user(request)
+    async with (await resources.pool("payments")).acquire() as conn:
+        payment = await db.get_payment(conn, payment_id)
+    if payment is None:
+        raise Problem(404, "not-found", "Payment not found.")
+    ensure_owner_or_staff(user, payment.payer_id, what="Payment")
+    return _payment_out(payment)
+
+
+@websocket("/ws/payments")
+async def payment_updates(socket: WebSocket[Any, Any, Any], channels: ChannelsPlugin) -> None:
+    """Status changes of the user's own payments as JSON text frames: first
+    {"type": "subscribed"} once the subscription is live, then one {"type": "payment.status",
+    payment_id, status, failure_reason, amount_minor, currency, from_wallet, to_wallet, ts_ms}
+    per saga step."""
+    user = await authenticate_websocket(socket)
+    await socket.accept()
+    async with channels.start_subscription([user_channel(user.id)]) as subscriber:
+        await socket.send_text('{"type":"subscribed"}')
+        sender = asyncio.create_task(_forward(socket, subscriber))
+        receiver = asyncio.create_task(_until_disconnect(socket))
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    log.warning("payments WebSocket ended by an error: %r", task.exception())
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+
+
+async def _forward(socket: WebSocket[Any, Any, Any], subscriber: Any) -> None:
+    async for message in subscriber.iter_events():
+        await socket.send_text(message.decode() if isinstance(message, bytes) else message)
+        if subscriber.qsize > WS_MAX_BACKLOG:
+            log.info("slow payments WebSocket closed: %d messages behind", subscriber.qsize)
+            await socket.close(code=WS_TRY_AGAIN_LATER, reason="too far behind; read GET /api/v1/payments/{id}")
+            return
+
+
+async def _until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
+    try:
+        while True:
+            await socket.receive_data(mode="text")  # clients say nothing; this notices them leave
+    except WebSocketDisconnect:
+        return
 
 
 # ------------------------------------------------------------------------------ refunds
@@ -408,10 +568,12 @@ async def gateway_webhook(request: Request[Any, Any, Any], resources: Resources)
         return WebhookOut(await payments.apply_gateway_event(conn, gateway.name, event))
 
 
-router = Router(
+rest = Router(
     path="/api/v1",
-    route_handlers=[open_wallet, get_wallet, wallet_statement, create_deposit, refund_payment, create_payout,
-                    create_escrow, get_escrow, release_escrow, refund_escrow, trial_balance, gateway_webhook],
+    route_handlers=[open_wallet, get_wallet, wallet_statement, create_deposit, create_payment, get_payment,
+                    refund_payment, create_payout, create_escrow, get_escrow, release_escrow, refund_escrow,
+                    trial_balance, gateway_webhook],
     tags=["payments"],
     exception_handlers={payments.PaymentsError: _payments_error, GatewayError: _gateway_error},  # type: ignore[dict-item]
 )
+router = Router(path="/", route_handlers=[rest, payment_updates])

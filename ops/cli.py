@@ -87,10 +87,11 @@ def cmd_admin_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, _args: argparse.Namespace) -> int:
+    from db.engine import dsn_for
     from services.payments import reconcile
 
     _require(settings.database_url, "FINTIDE_DATABASE_URL")
-    differences = asyncio.run(reconcile(settings.database_url))
+    differences = asyncio.run(reconcile(dsn_for(settings.database_url, "payments")))
     for diff in differences:
         print(f"DIFFERENCE {diff}")
     print("ledger and balances agree" if not differences else f"{len(differences)} difference(s)")
