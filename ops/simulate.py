@@ -1,7 +1,7 @@
 """`fintide simulate payments`: labelled synthetic payment traffic with injected fraud.
 
     fintide simulate payments --fraud-rate 0.05 --n 20000 --seed 1             # offline report
-    fintide simulate payments --n 20000 --seed 1 --online [--rate 2000]         # publish to Kafka
+    fintide simulate payments --n 20000 --seed 1 --online [--rate 2000]         # through Kafka
     fintide simulate payments --n 100000 --seed 7 --fit ops/models/fraud_weights.json
 
 Normal users pay their usual contacts and merchants from their own devices, IPs and
@@ -22,7 +22,8 @@ Offline (the default) scores the traffic through the same kernels the worker run
 (review or block = flagged), of block alone, recall per pattern, and the ROC AUC of the
 score. Online publishes one `ScoreRequested` per payment to `fraud.requests` (event
 times replayed so the traffic ends now), waits for the decisions on `fraud.decisions`
-and reports the same figures from what the live scorer answered. `--fit` fits the
+and reports the same figures from what the live scorer answered (lockstep by default, so
+they must equal the offline ones; `--rate` makes it a load test instead). `--fit` fits the
 logistic model on the traffic (L2-regularised, Newton/IRLS in numpy, so the seed fixes
 the result) and writes the weights file the worker loads.
 """
@@ -411,67 +412,161 @@ def _thresholds(scores: np.ndarray, label: np.ndarray) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- online
 
-async def publish_online(settings: Settings, data: Labelled, rate: float, wait_s: float) -> dict[str, Any]:
-    """Publish every payment as a ScoreRequested, then collect the decisions."""
-    from streams.fraud import DECISIONS, REQUESTS, ScoreRequested
-    from streams.publisher import EventPublisher
-
-    shift = int(time.time() * 1000) - int(data.traffic.ts_ms[-1])  # the traffic ends now
-    collector = asyncio.create_task(_collect(settings, set(data.payment_ids), wait_s))
-    await asyncio.sleep(1.0)  # the collector is positioned at the end of the topic first
-    tr = data.traffic
-    chunk = max(1, min(1_000, int(rate // 10) or 1))
-    started = time.perf_counter()
-    async with EventPublisher(settings) as publisher:
-        for lo in range(0, len(data), chunk):
-            events = [ScoreRequested(
-                payment_id=data.payment_ids[i], payer_user_id=f"user-{data.wallet_ids[int(tr.payer[i])]}",
-                payer_wallet_id=data.wallet_ids[int(tr.payer[i])], payee_wallet_id=data.wallet_ids[int(tr.payee[i])],
-                amount_minor=int(tr.amount[i]), currency="INR", device_id=data.devices[i], ip=data.ips[i],
-                country=data.countries[i], failed_attempts=int(tr.failed[i]), ts_ms=int(tr.ts_ms[i]) + shift)
-                for i in range(lo, min(lo + chunk, len(data)))]
-            await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
-            ahead = (lo + chunk) / rate - (time.perf_counter() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-    published_s = time.perf_counter() - started
-    decided = await collector
-    index = {p: i for i, p in enumerate(data.payment_ids)}
-    scores = np.zeros(len(data), dtype=np.int64)
-    decisions = np.full(len(data), -1, dtype=np.int64)
-    for payment_id, (score, decision) in decided.items():
-        scores[index[payment_id]] = score
-        decisions[index[payment_id]] = rm.ACTION_CODES[decision]
-    answered = decisions >= 0
-    _ = DECISIONS
-    result = report(data, scores, np.where(answered, decisions, rm.ALLOW))
-    result["online"] = {"published_s": round(published_s, 2), "answered": int(answered.sum())}
-    return result
+# Event times are shifted by a whole number of hours (a multiple of every bucket width),
+# so the replayed payments fall into the same window buckets as offline.
+SHIFT_UNIT_MS = 3_600_000
+FETCH_MAX_WAIT_MS = 5
 
 
-async def _collect(settings: Settings, wanted: set[str], wait_s: float) -> dict[str, tuple[int, str]]:
-    from aiokafka import AIOKafkaConsumer
+def payee_chunks(payee: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) ranges in which no payee repeats. Replayed one range at a
+    time, each payee stage sees its payments in event order (payments of one payer keep
+    their order anyway: one key, one partition); within a range, payments to different
+    payees may be processed in any order without changing any feature."""
+    chunks, lo, seen = [], 0, set()
+    for i, p in enumerate(payee.tolist()):
+        if p in seen:
+            chunks.append((lo, i))
+            lo, seen = i, set()
+        seen.add(p)
+    chunks.append((lo, len(payee)))
+    return chunks
 
-    from streams.fraud import DECISIONS
-    from streams.topics import bootstrap_servers, full_name
 
-    consumer = AIOKafkaConsumer(full_name(settings, DECISIONS.name), bootstrap_servers=bootstrap_servers(settings),
-                                auto_offset_reset="latest", enable_auto_commit=False)
-    await consumer.start()
-    found: dict[str, tuple[int, str]] = {}
-    deadline = time.monotonic() + wait_s
-    try:
-        while len(found) < len(wanted) and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500, max_records=5_000)
+class DecisionCollector:
+    """Reads `fraud.decisions` from its end (positioned before anything is published) and
+    keeps the first model decision per payment id of interest."""
+
+    def __init__(self, settings: Settings, wanted: set[str]) -> None:
+        self.settings = settings
+        self.wanted = wanted
+        self.found: dict[str, tuple[int, str]] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from streams.fraud import DECISIONS
+        from streams.topics import bootstrap_servers, full_name
+
+        # A short fetch wait: the embedded broker (Tansu) does not answer a waiting fetch
+        # when data arrives, so the wait would be added to every decision's latency.
+        self._consumer = AIOKafkaConsumer(full_name(self.settings, DECISIONS.name),
+                                          bootstrap_servers=bootstrap_servers(self.settings),
+                                          auto_offset_reset="latest", enable_auto_commit=False,
+                                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+        await self._consumer.start()
+        deadline = time.monotonic() + 30
+        while not self._consumer.assignment():
+            assert time.monotonic() < deadline, "no partitions of fraud.decisions assigned"
+            await asyncio.sleep(0.05)
+        await self._consumer.seek_to_end()
+        for tp in self._consumer.assignment():
+            await self._consumer.position(tp)  # resolve "end" now, before publishing
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        from streams.fraud import DECISIONS
+
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=5_000)
             for records in batch.values():
                 for record in records:
                     event = DECISIONS.decode(record.value)
-                    if event.payment_id in wanted and event.source == "model":
-                        found.setdefault(event.payment_id, (event.score, event.decision))
-                        deadline = max(deadline, time.monotonic() + 10.0)
+                    if event.source == "model" and event.payment_id in self.wanted:
+                        self.found.setdefault(event.payment_id, (event.score, event.decision))
+            if batch:
+                self._changed.set()
+
+    async def wait_for(self, ids: Sequence[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._changed.clear()  # before the check: a batch landing after it sets it again
+            if all(i in self.found for i in ids):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return False
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def request_at(data: Labelled, i: int, shift_ms: int) -> Any:
+    from streams.fraud import ScoreRequested
+
+    tr = data.traffic
+    payer = data.wallet_ids[int(tr.payer[i])]
+    return ScoreRequested(
+        payment_id=data.payment_ids[i], payer_user_id=f"user-{payer}", payer_wallet_id=payer,
+        payee_wallet_id=data.wallet_ids[int(tr.payee[i])], amount_minor=int(tr.amount[i]), currency="INR",
+        device_id=data.devices[i], ip=data.ips[i], country=data.countries[i], failed_attempts=int(tr.failed[i]),
+        ts_ms=int(tr.ts_ms[i]) + shift_ms)
+
+
+async def publish_online(settings: Settings, data: Labelled, rate: float | None, wait_s: float) -> dict[str, Any]:
+    """Publish every payment as a ScoreRequested and report the live decisions.
+
+    rate None: lockstep (`payee_chunks`), so the live decisions must equal offline ones.
+    Otherwise payments go out at `rate` per second, in event order, without waiting:
+    a load test. Replaying days of traffic in seconds compresses time ~100,000-fold, so
+    the payee stage then sees payments hours out of event order across payer partitions
+    (real traffic arrives milliseconds apart), and its fan-in features differ from offline."""
+    from streams.fraud import REQUESTS
+    from streams.publisher import EventPublisher
+
+    behind = int(time.time() * 1000) - int(data.traffic.ts_ms[-1])
+    shift = (behind // SHIFT_UNIT_MS) * SHIFT_UNIT_MS  # the traffic ends within the last hour
+    collector = DecisionCollector(settings, set(data.payment_ids))
+    await collector.start()
+    started = time.perf_counter()
+    try:
+        async with EventPublisher(settings) as publisher:
+            if rate is None:
+                for lo, hi in payee_chunks(data.traffic.payee):
+                    events = [request_at(data, i, shift) for i in range(lo, hi)]
+                    await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
+                    if not await collector.wait_for([e.payment_id for e in events], wait_s):
+                        break
+            else:
+                step = max(1, min(1_000, int(rate // 20) or 1))
+                for lo in range(0, len(data), step):
+                    events = [request_at(data, i, shift) for i in range(lo, min(lo + step, len(data)))]
+                    await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
+                    ahead = (lo + step) / rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        await collector.wait_for(data.payment_ids, wait_s)
     finally:
-        await consumer.stop()
-    return found
+        await collector.stop()
+    elapsed_s = time.perf_counter() - started
+    return online_report(data, collector.found, elapsed_s, "lockstep" if rate is None else f"{rate:g}/s")
+
+
+def online_report(data: Labelled, found: dict[str, tuple[int, str]], elapsed_s: float, mode: str) -> dict[str, Any]:
+    index = {p: i for i, p in enumerate(data.payment_ids)}
+    scores = np.zeros(len(data), dtype=np.int64)
+    decisions = np.full(len(data), -1, dtype=np.int64)
+    for payment_id, (score, decision) in found.items():
+        scores[index[payment_id]] = score
+        decisions[index[payment_id]] = rm.ACTION_CODES[decision]
+    answered = decisions >= 0
+    result = report(data, scores, np.where(answered, decisions, rm.ALLOW))
+    offline_scores, offline_decisions, _ = score_offline(data)
+    result["online"] = {"mode": mode, "seconds": round(elapsed_s, 2), "answered": int(answered.sum()),
+                        "same_score_as_offline": int((answered & (scores == offline_scores)).sum()),
+                        "same_decision_as_offline": int((answered & (decisions == offline_decisions)).sum())}
+    return result
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -484,7 +579,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=float, default=7.0, help="time span of the traffic (default 7 days)")
     parser.add_argument("--online", action="store_true",
                         help="publish ScoreRequested to Kafka and report the live decisions")
-    parser.add_argument("--rate", type=float, default=2_000.0, help="online: payments per second (default 2000)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="online: publish at this many payments/s without waiting (a load test); "
+                             "default: lockstep, so live decisions can be compared with offline ones")
     parser.add_argument("--wait", type=float, default=120.0, help="online: seconds to wait for decisions")
     parser.add_argument("--fit", metavar="PATH", help="fit the model on this traffic and write the weights file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -18,14 +18,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from indicators import fraud_features as ff
 from indicators import risk_model as rm
 from services.fraud_rules import Rule, RuleSet, compile_rules
-from streams.fraud import FeatureContribution, ScoreRequested
+
+if TYPE_CHECKING:
+    from db.fraud import ReviewRow
+from streams.fraud import FeatureContribution, RiskDecided, ScoreRequested
 
 WEIGHTS_PATH = Path(__file__).resolve().parents[1] / "ops" / "models" / "fraud_weights.json"
 _HASH_MASK = (1 << 52) - 1
@@ -252,3 +255,21 @@ def traffic_features(traffic: Traffic, n_wallets: int) -> np.ndarray:
 
 def default_ruleset() -> RuleSet:
     return compile_rules(DEFAULT_RULES)
+
+
+# ----------------------------------------------------------------------------- reviews
+
+def review_decision_event(review: ReviewRow) -> RiskDecided:
+    """The RiskDecided an analyst's decision publishes (source "review"): approve -> allow
+    (the saga captures), decline -> block (the saga fails the payment, releasing the hold).
+    Its id is the one stored with the decision, so a re-publish is the same event."""
+    assert review.status in ("approved", "declined") and review.event_id is not None, review
+    return RiskDecided(
+        id=str(review.event_id), payment_id=review.payment_id, payer_wallet_id=review.payer_wallet_id,
+        score=review.score, decision="allow" if review.status == "approved" else "block", source="review",
+        rules_fired=list(review.rules_fired),
+        top_features=[FeatureContribution(str(f["name"]), float(f["value"]), float(f["contribution"]))
+                      for f in review.top_features],
+        model_version=review.model_version, payer_user_id=review.payer_user_id,
+        payee_wallet_id=review.payee_wallet_id, amount_minor=review.amount_minor, currency=review.currency,
+        review_id=str(review.id), reviewer_id=str(review.decided_by or ""), note=review.note)
