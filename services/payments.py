@@ -708,6 +708,7 @@ async def fail_payment(conn: asyncpg.Connection, payment_id: UUID, reason: str) 
 # expects, so redelivered, reordered or late messages change nothing.
 
 SAGA_BATCH_MAX: Final = 4_096
+MAX_RISK_ROUNDS: Final = 3
 # A payment under review keeps its money reserved this long for an analyst's decision;
 # after that the hold expires and the payment fails (nothing stays reserved forever).
 REVIEW_HOLD_TTL_S: Final = 3 * 24 * 3600
@@ -880,35 +881,49 @@ class _SettlePlan:
 
 
 async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome]) -> list[SettleResult]:
-    """Apply risk outcomes to many payments in one transaction.
+    """Apply risk outcomes to many payments, in order, one transaction per round.
 
     capture: risk_assessed and posted at once (the hold moves to the payee); review: the
     payment waits under_review with its money still reserved (the hold is replaced by one
     that lasts REVIEW_HOLD_TTL_S); fail: the hold is voided and the payment fails with
-    `reason`. An outcome for a payment that is no longer in `expect` (a late or repeated
-    decision) is not applied. A hold that expired meanwhile fails the payment instead.
+    `reason`. An outcome for a payment that is not in its `expect` status (a late or
+    repeated decision) is not applied. A hold that expired meanwhile fails the payment.
+
+    Each round applies, per payment, the first outcome that fits its current status;
+    outcomes after it for the same payment get another round (a model "review" and the
+    analyst's decision can arrive in one batch). A payment moves at most MAX_RISK_ROUNDS
+    times per call: funds_reserved -> under_review -> decided.
     """
     invariant(len(outcomes) <= SAGA_BATCH_MAX, "settle batch too large")
     for o in outcomes:
         if o.action not in _RISK_ACTIONS or (o.action == "fail") != (o.reason is not None):
             raise InvalidRequest(f"bad risk outcome {o.action!r} (reason {o.reason!r})", field="action")
-    first: dict[UUID, RiskOutcome] = {}
-    for o in outcomes:
-        first.setdefault(o.payment_id, o)  # the first outcome for a payment wins
-    seen = await db.get_payments(conn, first)
-    todo = [o for o in first.values() if o.payment_id in seen and seen[o.payment_id].status == o.expect]
-    applied: dict[UUID, Payment] = {}
-    if todo:
+    applied_at: dict[int, Payment] = {}
+    pending = list(range(len(outcomes)))
+    latest: dict[UUID, Payment] = {}
+    for _ in range(MAX_RISK_ROUNDS):
+        latest.update(await db.get_payments(conn, {outcomes[i].payment_id for i in pending}))
+        chosen: dict[UUID, int] = {}
+        for i in pending:
+            o, p = outcomes[i], latest.get(outcomes[i].payment_id)
+            if p is not None and p.status == o.expect and o.payment_id not in chosen:
+                chosen[o.payment_id] = i
+        if not chosen:
+            break
         async with conn.transaction():
-            applied = await _settle_locked(conn, todo, seen)
+            moved = await _settle_locked(conn, [outcomes[i] for i in chosen.values()], latest)
+        applied_at |= {i: moved[pid] for pid, i in chosen.items() if pid in moved}
+        latest |= moved
+        # Only what came after an applied outcome for the same payment can apply now.
+        pending = [i for i in pending if i not in applied_at and outcomes[i].payment_id in moved
+                   and i > chosen[outcomes[i].payment_id]]
     out: list[SettleResult] = []
-    for o in outcomes:
-        p = applied.get(o.payment_id) or seen.get(o.payment_id)
+    for i, o in enumerate(outcomes):
+        p = applied_at.get(i) or latest.get(o.payment_id)
         if p is None:
             out.append(SettleResult(o.payment_id, False, "unknown", "unknown_payment"))
         else:
-            out.append(SettleResult(o.payment_id, o is first[o.payment_id] and o.payment_id in applied, p.status,
-                                    p.failure_reason))
+            out.append(SettleResult(o.payment_id, i in applied_at, p.status, p.failure_reason))
     return out
 
 
@@ -933,7 +948,7 @@ async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome], seen
         elif o.action == "review":
             _plan_review(plan, p, o, hold)
         else:
-            _plan_fail(plan, p, hold, "voided", o.reason or "failed")
+            _plan_fail(plan, p, hold, "voided", o.reason or "failed", o.detail)
     new_holds = await db.insert_holds(conn, plan.new_holds)
     plan.ledger += [events.hold_reserved(h.id, h.account_id, h.currency, h.amount_minor, h.reference_id, h.expires_at)
                     for h in new_holds.values()]
@@ -987,12 +1002,13 @@ def _plan_review(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold) -> N
                                          steps=[_step("under_review", o.detail)], hold_id=review_hold))
 
 
-def _plan_fail(plan: _SettlePlan, p: Payment, hold: Hold, hold_status: str, reason: str) -> None:
+def _plan_fail(plan: _SettlePlan, p: Payment, hold: Hold, hold_status: str, reason: str, detail: str = "") -> None:
     plan.resolutions.append((hold.id, hold_status, None, None, None))
     plan.ledger.append(events.hold_resolved(hold, hold_status, None, None))
     plan.reserved[p.from_account_id] -= hold.amount_minor
-    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="failed",
-                                         steps=[_step("failed", reason)], failure_reason=reason))
+    step = _step("failed", f"{reason}: {detail}" if detail else reason)
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="failed", steps=[step],
+                                         failure_reason=reason))
 
 
 async def complete_payments(conn: asyncpg.Connection, payment_ids: Sequence[UUID]) -> list[Payment]:
