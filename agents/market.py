@@ -92,6 +92,7 @@ from streams.market import (
     bar_batch,
     interval_name,
     partition_for_symbol,
+    tick_batch,
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
 from tables.market import (
@@ -416,6 +417,9 @@ class MarketEngine:
         # (Re)announced on every load: adding to the Redis symbol set is idempotent.
         self._announce.append(symbol)
         state = self.store.get_symbol(symbol)
+        if state is not None:
+            part = self.partitions[partition]
+            part.max_event_ms = max(part.max_event_ms, state.partition_max_ms)
         try:
             self._restore_symbol(row, state)
             for k, name in enumerate(self.interval_names):
@@ -472,7 +476,8 @@ class MarketEngine:
                 STATE_RESETS.inc()
         part = _Partition(slot=slot, max_event_ms=max_event)
         self.partitions[partition] = part
-        # Every symbol the partition has ever seen: quiet ones still need their bars flushed.
+        # Every symbol the partition has ever seen: quiet ones still need their bars flushed,
+        # and together they carry the partition's latest event time (partition_max_ms).
         for symbol in self.store.symbols_of_partition(partition):
             if symbol not in self.row_of:
                 self._load_symbol(symbol, partition)
@@ -703,15 +708,21 @@ class MarketEngine:
             row = self.row_of[s.symbol]
             self.signal_count[row] += 1
             self.store.put_last_signal(LastSignal(symbol=s.symbol, signal=s, count=self.signal_count[row]))
-        block = self.models.state[part.slot * N_STRATEGIES:(part.slot + 1) * N_STRATEGIES]
-        self.store.put_partition(PartitionState(partition=partition, max_event_ms=part.max_event_ms,
-                                                models=row_bytes(block)))
+        # The models change only when an outcome at the training horizon resolved; the
+        # partition's event time travels with every symbol state (partition_max_ms), so the
+        # partition row is written only then: one table write less per batch.
+        o_i = self._out[0]
+        if np.any(o_i[: int(out[2]), 3] == self.config.train_horizon):
+            block = self.models.state[part.slot * N_STRATEGIES:(part.slot + 1) * N_STRATEGIES]
+            self.store.put_partition(PartitionState(partition=partition, max_event_ms=part.max_event_ms,
+                                                    models=row_bytes(block)))
 
     def _symbol_state(self, row: int, partition: int) -> SymbolState:
         name = self.names[row]
         assert name is not None
         return SymbolState(symbol=name, partition=partition, bars=row_bytes(self.bars.state[row]), seq=self.seq[row],
-                           applied=dict(self.applied[row]))
+                           applied=dict(self.applied[row]),
+                           partition_max_ms=int(self.partitions[partition].max_event_ms))
 
     def _stream_state(self, stream: int) -> StreamState:
         symbol, interval, _ = self._stream_name(stream)
@@ -936,10 +947,19 @@ async def with_retries(write: Any, what: str) -> None:
 
 def warm_up(config: EngineConfig) -> None:
     """Compile (or load from Numba's cache) the kernel before the worker joins its group:
-    a first compile inside an agent would block the loop past the session timeout."""
+    a first compile inside an agent would block the loop past the session timeout.
+
+    Numba compiles one version per argument type, and read-only arrays are a type of their
+    own: decoded columns are read-only views of the message, while a batch whose symbols
+    were partly applied already is filtered into fresh writable arrays. Both run here."""
     started = time.perf_counter()
     engine = MarketEngine(DictStore(1), config)
     t = np.arange(4, dtype=np.int64) * 700 + 1_000_000
-    cols = TickColumns(["WARMUP"], np.zeros(4, np.int32), t, np.array([1.0, 1.1, 0.9, 1.0]), np.ones(4))
-    engine.process(0, "warm-up", 0, cols)
+    price, size = np.array([1.0, 1.1, 0.9, 1.0]), np.ones(4)
+    first = tick_batch(partition=0, source="warm-up", seq=0, symbols=["A"], sym=np.zeros(4, np.int32), ts_ms=t,
+                       price=price, size=size)
+    again = tick_batch(partition=0, source="warm-up", seq=0, symbols=["A", "B"], sym=np.array([0, 1, 0, 1], np.int32),
+                       ts_ms=t + 3_000, price=price, size=size)
+    engine.process(0, first.source, first.seq, first.columns())  # read-only columns
+    engine.process(0, again.source, again.seq, again.columns())  # "A" applied: filtered copies
     log.info("market kernel ready", extra={"seconds": round(time.perf_counter() - started, 2)})

@@ -10,7 +10,7 @@ written only by the tick agent while it processes a tick batch of that partition
 | `market.symbols` | symbol | `SymbolState`: open bars row, fan-out sequence, dedupe marks | the symbol has ticks in the batch |
 | `market.stream_1s` ... `market.stream_1h` | symbol | `StreamState`: bank, rules, pending outcomes, performance rows | a bar of that interval closed |
 | `market.last_signal` | symbol | `LastSignal` | the symbol fired a signal |
-| `market.partitions` | the partition's anchor key | `PartitionState`: watermark, confidence models | every batch of the partition |
+| `market.partitions` | the partition's anchor key | `PartitionState`: confidence models | a batch trained the models |
 
 Partition state needs a key that Faust's router sends to that partition: the anchor key
 of partition p is the first of `~p<p>-0`, `~p<p>-1`, ... that murmur2 hashes to p
@@ -36,7 +36,6 @@ from indicators.confidence import ROW_WIDTH as MODEL_WIDTH
 from indicators.outcomes import ACTIVE, OVERFLOW, PERF_WIDTH
 from indicators.signals import MODEL_FEATURES, N_STRATEGIES, STRATEGIES
 from streams.app import FintideApp, routed_table_view, state_table
-from streams.codec import to_builtins
 from streams.events import State
 from streams.market import INTERVALS_MS, TICKS, Signal, partition_for_symbol
 
@@ -63,6 +62,10 @@ class SymbolState(State):
     seq: int
     # feed source -> last applied TickBatch.seq: a re-delivered batch is skipped.
     applied: dict[str, int]
+    # The partition's highest tick event time when this row was written. The partition's
+    # watermark is the maximum over its symbols: every batch writes its symbols, so the
+    # partition row itself need only be written when its models change.
+    partition_max_ms: int
 
 
 class StreamState(State):
@@ -85,9 +88,11 @@ class LastSignal(State):
 
 
 class PartitionState(State):
+    """Written when the partition's confidence models learn (see SymbolState.partition_max_ms)."""
+
     partition: int
-    # Highest tick event time seen on the partition: the flush watermark is this minus the
-    # allowed lateness, so quiet symbols' bars close by event time too.
+    # Highest tick event time seen on the partition when the models last changed (the
+    # flush watermark, that time minus the allowed lateness, uses the live value).
     max_event_ms: int
     # ConfidenceModel rows of the partition, one per strategy (STRATEGIES order).
     models: bytes
@@ -175,7 +180,7 @@ def render_symbol(state: SymbolState, *, intervals: list[str]) -> dict[str, Any]
                                "low": row[base + 3], "close": row[base + 4], "volume": row[base + 5],
                                "n_ticks": int(row[base + 6])}
     return {"symbol": state.symbol, "partition": state.partition, "seq": state.seq, "applied": state.applied,
-            "ticks_accepted": int(row[ACCEPTED]), "ticks_late": int(row[LATE]), "open_bars": open_bars}
+            "partition_max_ms": state.partition_max_ms, "ticks_accepted": int(row[ACCEPTED]), "ticks_late": int(row[LATE]), "open_bars": open_bars}
 
 
 def render_stream(state: StreamState, *, bank: IndicatorBank, horizons: tuple[int, ...]) -> dict[str, Any]:
@@ -225,7 +230,3 @@ def performance_cells(perf: np.ndarray, horizons: tuple[int, ...]) -> dict[str, 
 
 def _finite_or_none(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
-
-
-def render_last_signal(state: LastSignal) -> dict[str, Any]:
-    return to_builtins(state)
