@@ -848,14 +848,21 @@ def install(app: FintideApp) -> None:
             partition = stream.current_event.message.partition
             try:
                 cols = batch.columns()
-                if batch.partition != partition:
-                    # Its state would be written to the wrong partition's table rows.
-                    raise MalformedBatch(f"batch for partition {batch.partition} arrived on partition {partition}")
+                check_partition(batch, partition, n_partitions)
             except MalformedBatch as exc:
                 await reject(stream, TICKS, exc)
                 continue
             started = time.perf_counter()
-            result = engine.process(partition, batch.source, batch.seq, cols)
+            try:
+                result = engine.process(partition, batch.source, batch.seq, cols)
+            except Exception as exc:  # decided: dead-letter the batch, keep the worker up
+                # A batch the kernels refuse (e.g. more than a bound allows) must not crash the
+                # worker into a redelivery loop. Its partition's rows may be half-updated in
+                # memory: drop them, the next batch reloads them from the tables.
+                log.exception("market batch failed; dead-lettered", extra={"partition": partition})
+                engine.release([partition])
+                await reject(stream, TICKS, exc)
+                continue
             await emit(app, result)
             conns.submit(result.fanout)
             BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -869,6 +876,21 @@ def install(app: FintideApp) -> None:
         _install_persistence(app, conns)
     else:
         log.warning("FINTIDE_DATABASE_URL is not set: signals and bars are not persisted")
+
+
+def check_partition(batch: Any, partition: int, n_partitions: int) -> None:
+    """Every symbol of a batch must hash to the partition it arrived on: its state is
+    written to that partition's table rows, where the table router will look for it."""
+    if batch.partition != partition:
+        raise MalformedBatch(f"batch for partition {batch.partition} arrived on partition {partition}")
+    misplaced = [s for s in batch.symbols if _partition_of(s, n_partitions) != partition]
+    if misplaced:
+        raise MalformedBatch(f"symbols {misplaced[:5]} do not belong to partition {partition}")
+
+
+@functools.lru_cache(maxsize=65_536)
+def _partition_of(symbol: str, n_partitions: int) -> int:
+    return partition_for_symbol(symbol, n_partitions)
 
 
 async def emit(app: FintideApp, result: BatchResult) -> None:

@@ -17,7 +17,15 @@ from agents.market import DictStore
 from ops.settings import Settings
 from services import market as live
 from streams.codec import encode
-from streams.market import BARS, SIGNALS, TICKS, Signal, SignalOutcome, tick_batch
+from streams.market import (
+    BARS,
+    SIGNALS,
+    TICKS,
+    Signal,
+    SignalOutcome,
+    partition_for_symbol,
+    tick_batch,
+)
 from tables.market import STREAM_TABLES, partition_anchor_key
 from tests.integration.test_market_support import (
     MarketWorker,
@@ -138,23 +146,27 @@ async def _check_redelivery_is_a_no_op(worker: MarketWorker, ticks: Ticks, repla
 
 async def _check_dead_letters(worker: MarketWorker, settings: Settings) -> None:
     n = settings.topic_partitions
-    good = tick_batch(partition=0, source="bad", seq=0, symbols=["X"], sym=np.zeros(2, np.int32),
+    home = next(s for s in ("X", "Y", "Z", "W") if partition_for_symbol(s, n) == 0)
+    stranger = next(s for s in ("X", "Y", "Z", "W") if partition_for_symbol(s, n) != 0)
+    good = tick_batch(partition=0, source="bad", seq=0, symbols=[home], sym=np.zeros(2, np.int32),
                       ts_ms=np.array([1, 2]), price=np.array([1.0, 2.0]), size=np.ones(2))
     short = msgspec.structs.replace(good, count=3)  # columns hold 2 ticks
     wrong_partition = msgspec.structs.replace(good, partition=(good.partition + 1) % n)
+    misplaced = msgspec.structs.replace(good, symbols=[stranger])  # hashes to another partition
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await producer.start()
     try:
         topic = settings.topic_prefix + TICKS.name
-        for value in (b"{not json", encode(short), encode(wrong_partition)):
+        for value in (b"{not json", encode(short), encode(wrong_partition), encode(misplaced)):
             await producer.send_and_wait(topic, value, key=b"X", partition=0)
     finally:
         await producer.stop()
-    letters = await read_topic(settings, TICKS, want=3, dead_letters=True)
+    letters = await read_topic(settings, TICKS, want=4, dead_letters=True)
     errors = sorted(letter.error.split(":")[0] for letter in letters)
-    assert errors == ["DecodeError", "MalformedBatch", "MalformedBatch"], errors
+    assert errors == ["DecodeError", "MalformedBatch", "MalformedBatch", "MalformedBatch"], errors
+    assert any("do not belong to partition 0" in letter.error for letter in letters)
     assert await owned_partitions(worker)  # still running
 
 
