@@ -98,6 +98,16 @@ def cmd_reconcile(settings: Settings, _args: argparse.Namespace) -> int:
     return 1 if differences else 0
 
 
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    # Parsed here, not in build_parser: the generator imports Numba kernels, which every
+    # other command would otherwise pay for at start-up.
+    from ops.simulate import add_arguments, run_simulate
+
+    parser = argparse.ArgumentParser(prog="fintide simulate")
+    add_arguments(parser)
+    return run_simulate(settings, parser.parse_args(args.feed_args))
+
+
 def _require(value: str, name: str) -> None:
     if not value:
         raise SystemExit(f"{name} is not set (or run `fintide up`, which starts the embedded servers)")
@@ -121,18 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--email", required=True)
     create.add_argument("--password", required=True)
     sub.add_parser("reconcile", help="compare balances with the journal; exit 1 on a difference")
+    sub.add_parser("simulate", help="labelled synthetic payment traffic for fraud scoring", add_help=False)
     return parser
 
+
+# Commands that parse their own options (everything after the command name).
+PASS_THROUGH = ("feed", "simulate")
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "feed": cmd_feed, "migrate": cmd_migrate,
     "status": cmd_status, "admin": cmd_admin_create, "reconcile": cmd_reconcile,
+    "simulate": cmd_simulate,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command != "feed":
+    if rest and args.command not in PASS_THROUGH:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     args.feed_args = rest
     overrides = {"data_dir": args.data_dir, "api_port": getattr(args, "api_port", None)}
