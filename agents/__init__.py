@@ -11,4 +11,5 @@ AGENT_MODULES: list[str] = [
     "agents.payments",
     "agents.fraud_passthrough",
     "agents.market",
+    "agents.fraud",
 ]

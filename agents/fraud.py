@@ -70,11 +70,12 @@ from streams.fraud import (
     PayeeBatch,
     RiskDecided,
     ScoreRequested,
+    alerts_channel,
     partition_for_key,
     payee_batch,
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
-from streams.topics import TopicSpec, full_name
+from streams.topics import TopicSpec
 from tables.fraud import (
     payee_row,
     payee_state,
@@ -218,12 +219,6 @@ class FraudStore(Service):
             await self._pool.close()
         if self._redis is not None:
             await self._redis.aclose()
-
-
-def alerts_channel(settings: Any) -> str:
-    """The Redis pub/sub channel of alerts (the API's channels plugin subscribes to it);
-    it carries the topic prefix, since pub/sub channels are shared by every Redis db."""
-    return full_name(settings, ALERTS.name)
 
 
 # ----------------------------------------------------------------------------- batches

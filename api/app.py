@@ -33,7 +33,7 @@ from api.resources import Resources, open_resources
 from ops.settings import Settings, load_settings
 
 # Service modules with REST/WebSocket routes; each adds itself here.
-API_MODULES: list[str] = ["api.identity", "api.payments", "api.market"]
+API_MODULES: list[str] = ["api.identity", "api.payments", "api.market", "api.fraud"]
 MAX_BODY_BYTES = 1 * 1024 * 1024
 CHANNELS_PREFIX = "fintide:channels"
 

@@ -13,14 +13,17 @@ number. docs/FRAUD.md describes the features, the model and the rules.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from indicators import fraud_features as ff
 from indicators import risk_model as rm
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from db.fraud import ReviewRow
 from streams.fraud import FeatureContribution, RiskDecided, ScoreRequested
 
+log = logging.getLogger("fintide.services.fraud")
 WEIGHTS_PATH = Path(__file__).resolve().parents[1] / "ops" / "models" / "fraud_weights.json"
 _HASH_MASK = (1 << 52) - 1
 TRANSFORMS = {"identity": rm.T_IDENTITY, "log1p": rm.T_LOG1P, "clip": rm.T_CLIP}
@@ -273,3 +277,99 @@ def review_decision_event(review: ReviewRow) -> RiskDecided:
         model_version=review.model_version, payer_user_id=review.payer_user_id,
         payee_wallet_id=review.payee_wallet_id, amount_minor=review.amount_minor, currency=review.currency,
         review_id=str(review.id), reviewer_id=str(review.decided_by or ""), note=review.note)
+
+
+# ----------------------------------------------------------------------------- API operations
+
+REVIEW_STATUS = {"approve": "approved", "decline": "declined"}
+PUBLISH_TIMEOUT_S = 5.0
+
+
+async def decide_review(pool: Any, publisher: Any, review_id: Any, decision: str, note: str,
+                        by: Any) -> tuple[ReviewRow | None, bool]:
+    """Resolve an open review and publish its RiskDecided for the saga.
+
+    The decision commits first (with the id its event will carry); the event is then
+    published and the review marked published. If Kafka is unreachable the decision
+    stands and the worker's review relay publishes it (agents/fraud.py), so an analyst's
+    decision always reaches the saga, at least once, with the same event id.
+    Returns (review or None when it does not exist, published now)."""
+    import uuid as _uuid
+
+    from db import fraud as db
+    from streams.fraud import DECISIONS
+
+    assert decision in REVIEW_STATUS, decision
+    async with pool.acquire() as conn:
+        review = await db.resolve_review(conn, review_id, REVIEW_STATUS[decision], note, by, _uuid.uuid4())
+    if review is None or publisher is None:
+        return review, False
+    try:
+        await asyncio.wait_for(publisher.publish(DECISIONS.name, None, review_decision_event(review)),
+                               PUBLISH_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError, KafkaError) as exc:
+        log.warning("review decision not published; the relay will", extra={"review": str(review.id),
+                                                                            "error": f"{type(exc).__name__}: {exc}"})
+        return review, False
+    await db.mark_published(pool, [review.id])
+    return review, True
+
+
+def worker_urls(settings: Any) -> list[str]:
+    """Where the API finds fraud workers: every `<data_dir>/worker/*/web.url` a worker on
+    this machine wrote (`fintide up`, tests), then the configured worker address
+    (`FINTIDE_WORKER_WEB_HOST`/`_BIND` and `_PORT`: one reachable worker is enough in a
+    cluster, since each routes a key's request to the worker that owns it)."""
+    urls: list[str] = []
+    for path in sorted(Path(settings.data_path / "worker").glob("*/web.url")):
+        try:
+            url = path.read_text().strip()
+        except OSError:
+            continue
+        if url:
+            urls.append(url)
+    if settings.worker_web_port:
+        host = settings.worker_web_host or settings.worker_web_bind
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        urls.append(f"http://{host}:{settings.worker_web_port}")
+    return list(dict.fromkeys(urls))
+
+
+class WorkersUnavailable(Exception):
+    """No fraud worker answered."""
+
+
+async def account_features(settings: Any, wallet_id: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The live feature rows of a wallet, as payer and as payee, from the worker that owns
+    them (any worker forwards to the owner). None for a role the wallet never played."""
+    import httpx
+
+    from urllib.parse import quote
+
+    key = quote(wallet_id, safe="")
+    errors = []
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        for url in worker_urls(settings):
+            try:
+                payer, payee = await asyncio.gather(client.get(f"{url}/fraud/payers/{key}"),
+                                                    client.get(f"{url}/fraud/payees/{key}"))
+            except httpx.HTTPError as exc:
+                errors.append(f"{url}: {type(exc).__name__}")
+                continue
+            if all(r.status_code in (200, 404) for r in (payer, payee)) and all(
+                    r.status_code == 200 or _absent(r) for r in (payer, payee)):
+                return {"wallet_id": wallet_id, "worker": url,
+                        "as_payer": payer.json() if payer.status_code == 200 else None,
+                        "as_payee": payee.json() if payee.status_code == 200 else None}
+            errors.append(f"{url}: {payer.status_code}/{payee.status_code}")
+    raise WorkersUnavailable("; ".join(errors) or "no worker address known")
+
+
+def _absent(response: Any) -> bool:
+    # The routed view's own 404 (the key is not in the table), not a worker without the
+    # fraud views (Faust's plain 404 page).
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "key not found" in str(body)

@@ -18,7 +18,7 @@ The saga (agents/payments.py) publishes requests and consumes decisions; the sco
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -146,6 +146,13 @@ def payee_batch(partition: int, reqs: list[ScoreRequested], features: np.ndarray
         time_ms=np.array([r.ts_ms for r in reqs], dtype=I64).tobytes(),
         amount_minor=np.array([r.amount_minor for r in reqs], dtype=I64).tobytes(),
         payer_features=np.ascontiguousarray(features, dtype=F64).tobytes(), n_features=int(features.shape[1]))
+
+
+def alerts_channel(settings: Any) -> str:
+    """The Redis pub/sub channel alerts are fanned out on (the API's channels plugin
+    subscribes to it); it carries the topic prefix, since pub/sub channels are shared by
+    every Redis database."""
+    return settings.topic_prefix + "fraud.alerts"
 
 
 def partition_for_key(key: str, n_partitions: int) -> int:

@@ -1,0 +1,260 @@
+"""Helpers for the fraud integration tests: module-scoped settings on the session's real
+servers, fraud worker child processes, the API on uvicorn, and a decision reader.
+
+Workers run `python -m tests.integration.test_fraud_support`, which is `streams.worker`
+with one difference: Kafka consumers use a 5 ms fetch wait instead of Faust's 1,500 ms.
+The embedded broker (Tansu) does not answer a waiting fetch when data arrives — it holds
+it for the whole wait (measured: a Faust hop takes 0.6-1.5 s instead of ~2 ms; see
+docs/FRAUD.md, "Latency on the embedded broker") — and each test would wait seconds per
+hop. Nothing the tests assert depends on the wait; only how long they take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import uvicorn
+from aiokafka import AIOKafkaConsumer
+
+from ops.embedded import EmbeddedStack, free_port
+from ops.settings import Settings, load_settings
+from streams.fraud import DECISIONS, RiskDecided, ScoreRequested
+from streams.publisher import EventPublisher
+from streams.topics import bootstrap_servers, full_name
+from streams.worker import web_url_path
+from tests.conftest import TEMPLATE_DB, _db_url
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+TEST_FETCH_MAX_WAIT_MS = 5
+T = TypeVar("T")
+
+
+def module_settings(stack: EmbeddedStack, data_dir: Path, name: str, redis_db: int) -> Settings:
+    """Settings with their own database (cloned from the migrated template), topic
+    prefix, Redis database and data dir, for one test module."""
+    db_name = f"{name}_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(_db_url(stack, "postgres"))
+        try:
+            await admin.execute(f'CREATE DATABASE "{db_name}" TEMPLATE "{TEMPLATE_DB}"')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    return load_settings(environ={}, env="test", data_dir=str(data_dir), kafka_bootstrap=stack.kafka_bootstrap,
+                         database_url=_db_url(stack, db_name),
+                         redis_url=stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
+                         topic_prefix=f"{db_name}.", app_id=f"fintide-{db_name}", worker_web_port=0,
+                         api_port=free_port(), feed_enabled=False, fraud_scorer="model")
+
+
+# ----------------------------------------------------------------------------- workers
+
+@dataclass
+class FraudWorker:
+    settings: Settings
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        """SIGTERM, as an orchestrator would; kill only if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+                raise AssertionError(f"worker ignored SIGTERM:\n{self.log_tail()}") from None
+        return self.proc.returncode
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
+    env.update({
+        "FINTIDE_ENV": "test", "FINTIDE_LOG_LEVEL": "INFO", "FINTIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FINTIDE_DATABASE_URL": settings.database_url, "FINTIDE_REDIS_URL": settings.redis_url,
+        "FINTIDE_DATA_DIR": settings.data_dir, "FINTIDE_TOPIC_PREFIX": settings.topic_prefix,
+        "FINTIDE_APP_ID": settings.app_id, "FINTIDE_WORKER_ID": settings.worker_id,
+        "FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_FRAUD_SCORER": settings.fraud_scorer,
+    })
+    return env
+
+
+async def start_worker(settings: Settings) -> FraudWorker:
+    log_path = Path(settings.data_dir) / f"{settings.worker_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.test_fraud_support",
+                                 "--agents", "agents.fraud"],
+                                cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    worker = FraudWorker(settings, proc, log_path)
+    try:
+        worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "web.url")
+        await wait_for(lambda: _ready(worker), START_TIMEOUT_S, "partitions and rules")
+    except BaseException:
+        worker.proc.kill()
+        worker.proc.wait(5)
+        raise
+    return worker
+
+
+async def _read_url(worker: FraudWorker) -> str | None:
+    assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
+    path = web_url_path(worker.settings)
+    return path.read_text().strip() if path.exists() else None
+
+
+async def _ready(worker: FraudWorker) -> bool:
+    assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
+    status = await get_json(f"{worker.url}/fraud/status")
+    report = await get_json(f"{worker.url}/ops/")
+    if not status or status["rules_version"] is None or not report:
+        return False
+    tables = {t["name"]: t for t in report["tables"]}
+    return bool(tables.get("fraud.payer_features", {}).get("active_partitions"))
+
+
+async def wait_for(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def get_json(url: str) -> Any:
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            response = await client.get(url)
+        except httpx.TransportError:
+            return None
+    return response.json() if response.status_code == 200 else None
+
+
+# ----------------------------------------------------------------------------- API
+
+async def serve_api(settings: Settings) -> AsyncIterator[str]:
+    from api.app import create_app
+
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, lifespan="on",
+                            log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn exited during start"
+        await asyncio.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{settings.api_port}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        except TimeoutError:  # a connection that will not close must not hang the session
+            server.force_exit = True
+            await asyncio.wait_for(task, 10)
+
+
+# ----------------------------------------------------------------------------- Kafka
+
+def request(payer: str, payee: str, amount_minor: int, *, ts_ms: int, payment_id: str | None = None,
+            device: str = "dev-1", ip: str = "10.0.0.1", country: str = "IN", failed: int = 0) -> ScoreRequested:
+    return ScoreRequested(payment_id=payment_id or f"pay-{uuid.uuid4().hex[:12]}", payer_user_id=f"user-{payer}",
+                          payer_wallet_id=payer, payee_wallet_id=payee, amount_minor=amount_minor, currency="INR",
+                          device_id=device, ip=ip, country=country, failed_attempts=failed, ts_ms=ts_ms)
+
+
+class Decisions:
+    """Reads fraud.decisions from where it was when created; keeps every decision."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seen: list[RiskDecided] = []
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> Decisions:
+        self._consumer = AIOKafkaConsumer(full_name(self.settings, DECISIONS.name),
+                                          bootstrap_servers=bootstrap_servers(self.settings),
+                                          auto_offset_reset="latest", enable_auto_commit=False,
+                                          fetch_max_wait_ms=TEST_FETCH_MAX_WAIT_MS)
+        await self._consumer.start()
+        await wait_for(self._assigned, 20, "decision partitions")
+        await self._consumer.seek_to_end()
+        for tp in self._consumer.assignment():
+            await self._consumer.position(tp)
+        return self
+
+    async def _assigned(self) -> bool:
+        assert self._consumer is not None
+        return bool(self._consumer.assignment())
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._consumer is not None
+        await self._consumer.stop()
+
+    async def collect(self, payment_ids: Sequence[str], timeout_s: float = 30.0, *,
+                      source: str = "model") -> dict[str, RiskDecided]:
+        """The first decision of `source` for each payment id (waits for all)."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout_s
+        wanted = set(payment_ids)
+        while True:
+            found: dict[str, RiskDecided] = {}
+            for d in self.seen:
+                if d.payment_id in wanted and d.source == source:
+                    found.setdefault(d.payment_id, d)
+            if len(found) == len(wanted):
+                return found
+            assert time.monotonic() < deadline, f"{len(wanted) - len(found)} decisions missing after {timeout_s} s"
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                self.seen += [DECISIONS.decode(r.value) for r in records]
+
+
+async def publish(settings: Settings, requests: Sequence[ScoreRequested]) -> None:
+    async with EventPublisher(settings) as publisher:
+        for lo in range(0, len(requests), 5_000):
+            await publisher.publish_many("fraud.requests", [(None, r) for r in requests[lo:lo + 5_000]])
+
+
+def main() -> None:
+    """`streams.worker` with short consumer fetch waits (see the module docstring)."""
+    import aiokafka
+
+    original = aiokafka.AIOKafkaConsumer.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), TEST_FETCH_MAX_WAIT_MS)
+        original(self, *args, **kwargs)
+
+    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
+    from streams.worker import main as worker_main
+
+    worker_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
