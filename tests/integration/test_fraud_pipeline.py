@@ -1,0 +1,291 @@
+"""The fraud scorer on the real broker, PostgreSQL and Redis: worker child processes (as
+`fintide worker` runs them, see test_fraud_support.py) and the API on uvicorn.
+
+* Labelled simulator traffic replayed through Kafka gets, payment for payment, the score
+  and decision the same kernels give offline (so the repartition by payee, the tables and
+  the batching change nothing), and every injected pattern is caught live.
+* Rule edits through the API take effect on the running worker, without a restart.
+* A redelivered request is answered again but counted once.
+* Alerts reach the WebSocket; review decisions reach the saga's topic.
+* The feature rows are served by the owning worker through the API, and survive a worker
+  restart (RocksDB) and a move to a fresh worker (changelog), byte for byte.
+
+One worker serves the module (a group join costs seconds); the last test restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from msgspec.structs import replace
+from aiokafka import AIOKafkaConsumer
+from websockets.asyncio.client import connect
+
+from ops.embedded import EmbeddedStack
+from ops.settings import Settings
+from ops.simulate import PATTERNS, generate, publish_online
+from streams.fraud import REQUESTS
+from streams.topics import bootstrap_servers, dlq_name, full_name
+from tests.helpers.auth import LoggedIn, register_and_login
+from tests.integration.test_fraud_support import (
+    Decisions,
+    FraudWorker,
+    get_json,
+    module_settings,
+    publish,
+    request,
+    serve_api,
+    start_worker,
+    wait_for,
+)
+
+T0 = int(time.time() * 1000) - 3_600_000
+
+
+@pytest.fixture(scope="module")
+def settings_(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return module_settings(stack, tmp_path_factory.mktemp("fraud-pipeline"), "fraud_pipe", redis_db=7)
+
+
+@pytest.fixture(scope="module")
+async def worker(settings_: Settings) -> AsyncIterator[FraudWorker]:
+    process = await start_worker(settings_)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+async def server(settings_: Settings, worker: FraudWorker) -> AsyncIterator[str]:
+    async for address in serve_api(settings_):
+        yield address
+
+
+@pytest.fixture(scope="module")
+async def client(server: str, settings_: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://{server}", timeout=20) as c:
+        c.app = SimpleNamespace(state=SimpleNamespace(settings=settings_))  # type: ignore[attr-defined]
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def admin(client: httpx.AsyncClient) -> LoggedIn:
+    return await register_and_login(client, roles=("admin",))
+
+
+async def rules_version(worker: FraudWorker) -> int:
+    status = await get_json(f"{worker.url}/fraud/status")
+    return int(status["rules_version"])
+
+
+# ----------------------------------------------------------------------------- traffic
+
+async def test_live_decisions_equal_offline_and_every_pattern_is_caught(worker: FraudWorker,
+                                                                          settings_: Settings) -> None:
+    data = generate(1_500, 0.06, 3, days=2.0)
+    result = await publish_online(settings_, data, None, 60.0)
+    online = result["online"]
+    assert online["answered"] == len(data), result
+    assert online["same_score_as_offline"] == len(data), result
+    assert online["same_decision_as_offline"] == len(data), result
+    assert set(result["patterns"]) == set(PATTERNS[1:])
+    for name, figures in result["patterns"].items():
+        assert figures["flagged_recall"] >= 0.6, (name, figures)
+    assert result["normal_flag_rate"] <= 0.02, result
+
+
+async def test_bad_requests_are_dead_lettered(worker: FraudWorker, settings_: Settings) -> None:
+    bad = request("w-bad", "w-x", 1, ts_ms=T0)
+    bad = replace(bad, amount_minor=0)  # the schema allows it; the scorer refuses it
+    consumer = AIOKafkaConsumer(full_name(settings_, dlq_name(REQUESTS.name)),
+                                bootstrap_servers=bootstrap_servers(settings_), auto_offset_reset="earliest",
+                                fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        await publish(settings_, [bad])
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    letter = json.loads(record.value)
+                    if bad.payment_id in letter["value"]:
+                        found = letter
+        assert found is not None and "amount_minor must be positive" in found["error"]
+        assert found["agent"] == "fraud.payer"
+    finally:
+        await consumer.stop()
+
+
+# ----------------------------------------------------------------------------- rules
+
+async def test_rule_edits_take_effect_without_a_restart(worker: FraudWorker, settings_: Settings,
+                                                        client: httpx.AsyncClient, admin: LoggedIn) -> None:
+    pid = worker.proc.pid
+    before = await rules_version(worker)
+    rule_id = f"exact-{uuid.uuid4().hex[:6]}"
+    created = await client.post("/api/v1/fraud/rules", headers=admin.headers,
+                                json={"id": rule_id, "expression": "amount_minor == 777777", "action": "block"})
+    assert created.status_code == 201, created.text
+    await wait_for(lambda: _version_above(worker, before), 10, "the worker to load the new rule")
+    payer = f"w-rule-{uuid.uuid4().hex[:6]}"
+    async with Decisions(settings_) as decisions:
+        first = request(payer, "w-shop", 777_777, ts_ms=T0)
+        await publish(settings_, [first])
+        decided = (await decisions.collect([first.payment_id]))[first.payment_id]
+        assert decided.decision == "block" and rule_id in decided.rules_fired
+        version = await rules_version(worker)
+        disabled = await client.put(f"/api/v1/fraud/rules/{rule_id}", headers=admin.headers,
+                                    json={"expression": "amount_minor == 777777", "action": "block",
+                                          "enabled": False})
+        assert disabled.status_code == 200
+        await wait_for(lambda: _version_above(worker, version), 10, "the worker to load the edit")
+        second = request(payer, "w-shop", 777_777, ts_ms=T0 + 1_000)
+        await publish(settings_, [second])
+        decided = (await decisions.collect([second.payment_id]))[second.payment_id]
+        assert rule_id not in decided.rules_fired
+    assert worker.proc.pid == pid and worker.proc.poll() is None
+
+
+async def _version_above(worker: FraudWorker, version: int) -> bool:
+    return await rules_version(worker) > version
+
+
+# ----------------------------------------------------------------------------- redelivery
+
+async def test_a_redelivered_request_is_answered_again_but_counted_once(worker: FraudWorker,
+                                                                         settings_: Settings) -> None:
+    payer = f"w-dup-{uuid.uuid4().hex[:6]}"
+    first = request(payer, "w-shop", 1_200, ts_ms=T0)
+    async with Decisions(settings_) as decisions:
+        await publish(settings_, [first, first])
+        await wait_for(lambda: _decisions_for(decisions, first.payment_id, 2), 30, "both answers")
+    state = await get_json(f"{worker.url}/fraud/payers/{payer}")
+    assert state["payments_seen"] == 1 and state["payer_count_24h"] == 1
+
+
+async def _decisions_for(decisions: Decisions, payment_id: str, n: int) -> bool:
+    try:
+        await decisions.collect([payment_id], timeout_s=0.5)
+    except AssertionError:
+        return False
+    return sum(1 for d in decisions.seen if d.payment_id == payment_id) >= n
+
+
+# ----------------------------------------------------------------------------- alerts, reviews
+
+async def test_alerts_reach_analysts_and_review_decisions_reach_the_saga(
+        worker: FraudWorker, settings_: Settings, client: httpx.AsyncClient, server: str, admin: LoggedIn) -> None:
+    rule_id = f"hold-{uuid.uuid4().hex[:6]}"
+    before = await rules_version(worker)
+    await client.post("/api/v1/fraud/rules", headers=admin.headers,
+                      json={"id": rule_id, "expression": "amount_minor == 555555", "action": "review"})
+    await wait_for(lambda: _version_above(worker, before), 10, "the review rule")
+    held = request(f"w-held-{uuid.uuid4().hex[:6]}", "w-shop", 555_555, ts_ms=T0)
+    async with connect(f"ws://{server}/ws/fraud/alerts?token={admin.access_token}", open_timeout=10) as ws:
+        await asyncio.sleep(0.5)  # the subscription reaches Redis
+        await publish(settings_, [held])
+        alert = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    assert (alert["payment_id"], alert["decision"], alert["severity"]) == (held.payment_id, "review", "medium")
+    assert rule_id in alert["rules_fired"] and len(alert["top_features"]) == 3
+    review = await wait_for(lambda: _open_review(client, admin, held.payment_id), 20, "the review")
+    score = (await client.get(f"/api/v1/fraud/scores/{held.payment_id}", headers=admin.headers)).json()
+    assert score["decision"] == "review" and score["review"]["status"] == "open"
+    async with Decisions(settings_) as decisions:
+        decided = await client.post(f"/api/v1/fraud/reviews/{review['id']}/decision", headers=admin.headers,
+                                    json={"decision": "decline", "note": "card reported stolen"})
+        assert decided.status_code == 200 and decided.json()["published"] is True
+        final = (await decisions.collect([held.payment_id], source="review"))[held.payment_id]
+    assert (final.decision, final.note, final.payer_wallet_id) == ("block", "card reported stolen",
+                                                                   held.payer_wallet_id)
+
+
+async def _open_review(client: httpx.AsyncClient, user: LoggedIn, payment_id: str) -> dict[str, Any] | None:
+    items = (await client.get("/api/v1/fraud/reviews?limit=200", headers=user.headers)).json()["items"]
+    return next((r for r in items if r["payment_id"] == payment_id), None)
+
+
+# ----------------------------------------------------------------------------- state
+
+async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, settings_: Settings,
+                                                        client: httpx.AsyncClient, admin: LoggedIn) -> None:
+    """Must stay last: it moves the module's worker."""
+    payers = [f"w-state-{i}" for i in range(12)]
+    requests_ = [request(p, payers[(i + 1) % len(payers)], 300 + 10 * i + j, ts_ms=T0 + 1_000 * (i * 3 + j),
+                         device=f"d-{j}") for i, p in enumerate(payers) for j in range(3)]
+    async with Decisions(settings_) as decisions:
+        await publish(settings_, requests_)
+        await decisions.collect([r.payment_id for r in requests_])
+    rows = await raw_rows(worker.url, payers)
+    api = (await client.get(f"/api/v1/fraud/accounts/{payers[0]}/features", headers=admin.headers)).json()
+    assert api["as_payer"]["payments_seen"] == 3 and api["as_payer"]["known_devices"] == 3
+    assert api["as_payee"]["payments_received"] == 3 and api["as_payee"]["payee_fanin_24h"] == 1
+    missing = await client.get("/api/v1/fraud/accounts/w-never-seen/features", headers=admin.headers)
+    assert missing.status_code == 404
+
+    # A second worker (its own RocksDB dir) joins: partitions split, reads are routed.
+    second = await start_worker(replace(settings_, worker_id="worker-2"))
+    try:
+        await wait_for(lambda: _split(worker, second), 60, "partitions split between the workers")
+        assert await raw_rows(worker.url, payers) == rows
+        assert await raw_rows(second.url, payers) == rows
+        # The first worker leaves: the second rebuilds its partitions from the changelogs.
+        assert worker.stop() == 0
+        await wait_for(lambda: _owns_all(second), 60, "the second worker owning every partition")
+        assert await raw_rows(second.url, payers) == rows
+        api = (await client.get(f"/api/v1/fraud/accounts/{payers[0]}/features", headers=admin.headers)).json()
+        assert api["worker"] == second.url and api["as_payer"]["payments_seen"] == 3
+    finally:
+        assert second.stop() == 0
+    # The first worker restarts on its own data dir (RocksDB) and takes everything back.
+    again = await start_worker(settings_)
+    try:
+        await wait_for(lambda: _owns_all(again), 60, "the restarted worker owning every partition")
+        assert await raw_rows(again.url, payers) == rows
+        # ... and carries on from the restored rows.
+        more = request(payers[0], "w-shop", 999, ts_ms=T0 + 500_000)
+        async with Decisions(settings_) as decisions:
+            await publish(settings_, [more])
+            await decisions.collect([more.payment_id])
+        state = await get_json(f"{again.url}/fraud/payers/{payers[0]}")
+        assert state["payments_seen"] == 4
+    finally:
+        worker.proc = again.proc  # the fixture's teardown stops it
+
+
+async def raw_rows(url: str, keys: list[str]) -> dict[str, Any]:
+    """Faust's own table view (routed to the owner): the stored value, row bytes and all."""
+    out = {}
+    for key in keys:
+        for table in ("fraud.payer_features", "fraud.payee_features"):
+            value = await get_json(f"{url}/table/{table}/{key}/")
+            assert value is not None, (table, key)
+            out[f"{table}/{key}"] = value
+    return out
+
+
+async def _active(worker: FraudWorker) -> list[int] | None:
+    report = await get_json(f"{worker.url}/ops/")
+    if not report:
+        return None
+    tables = {t["name"]: t for t in report["tables"]}
+    return list(tables["fraud.payer_features"]["active_partitions"])
+
+
+async def _split(a: FraudWorker, b: FraudWorker) -> bool:
+    pa, pb = await _active(a), await _active(b)
+    return bool(pa and pb and sorted(pa + pb) == list(range(a.settings.topic_partitions)))
+
+
+async def _owns_all(w: FraudWorker) -> bool:
+    return await _active(w) == list(range(w.settings.topic_partitions))
+
