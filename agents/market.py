@@ -497,6 +497,8 @@ class MarketEngine:
                 self.names[row] = None
                 self.partition_of_row[row] = -1
                 self.free_rows.append(row)
+                # Idle rows must not count in the kernel's bound on pending outcomes.
+                self.tracker.pending[row * self.n_int:(row + 1) * self.n_int] = 0.0
 
     @property
     def owned_partitions(self) -> list[int]:
@@ -524,6 +526,7 @@ class MarketEngine:
         watermark = part.max_event_ms - self.config.allowed_lateness_ms if part.max_event_ms != NO_TIME else NO_TIME
         out = self._run_kernel(part, rows, ts, price, size, watermark)
         result = self._emit(partition, sym, ts, local_rows, out)
+        result.skipped_ticks = skipped
         self._write_back(partition, part, local_rows[fresh], source, seq, out, result)
         return result
 
@@ -614,8 +617,13 @@ class MarketEngine:
         for lo in range(0, nb, MAX_BATCH_BARS):
             hi = min(nb, lo + MAX_BATCH_BARS)
             used, local = np.unique(b_sym[lo:hi], return_inverse=True)
-            batches.append(bar_batch(partition=partition, symbols=[self.names[r] for r in used],  # type: ignore[misc]
-                                     sym=local.astype(np.int32), interval_ms=self.intervals_ms[b_interval[lo:hi]],
+            names = [self.names[r] for r in used.tolist()]
+            # The symbol table in name order: the same bytes whatever rows this worker gave them.
+            order = sorted(range(len(names)), key=names.__getitem__)
+            rank = np.empty(len(order), np.int32)
+            rank[order] = np.arange(len(order), dtype=np.int32)
+            batches.append(bar_batch(partition=partition, symbols=[names[i] for i in order],  # type: ignore[misc]
+                                     sym=rank[local], interval_ms=self.intervals_ms[b_interval[lo:hi]],
                                      open_ts_ms=b_open[lo:hi], ohlcv=b_ohlcv[lo:hi], n_ticks=b_n[lo:hi]))
         return batches
 
@@ -646,7 +654,8 @@ class MarketEngine:
         for o in outcomes:
             per_row.setdefault(self.row_of[o.symbol], []).append(("outcome", o))
         updates: list[Update] = []
-        for row, items in per_row.items():
+        # Symbols in name order: the output does not depend on this worker's row numbering.
+        for row, items in sorted(per_row.items(), key=lambda item: self.names[item[0]] or ""):
             symbol = self.names[row]
             assert symbol is not None
             t = event_ms.get(row, fallback_ms)

@@ -1,7 +1,7 @@
 """End-to-end market benchmark on the embedded servers (Tansu, PostgreSQL 18, Redis 6.2).
 
     python -m ops.bench.market_e2e throughput [--ticks 4000000] [--symbols 20] [--batch-ticks 4096] [--runs 3]
-    python -m ops.bench.market_e2e latency [--rate 100000] [--clients 100] [--symbols 20] [--seconds 20] [--runs 3]
+    python -m ops.bench.market_e2e latency [--rate 100000] [--batch-ms 5] [--clients 100] [--symbols 20] [--seconds 20] [--runs 3]
     python -m ops.bench.market_e2e all
 
 throughput (per run, fresh topics and consumer group):
@@ -19,7 +19,7 @@ throughput (per run, fresh topics and consumer group):
 latency (per run): a worker and an API server (`fintide api`, uvicorn) run as child
 processes; `--clients` WebSocket clients subscribe to every symbol (bars, indicators,
 signals); a generator child process publishes `--rate` ticks/s whose event time is the
-wall clock at generation, in 5 ms batches. Each client records, for every update it
+wall clock at generation, in --batch-ms batches. Each client records, for every update it
 receives, now - event_ms, where event_ms is the event time of the earliest tick of that
 symbol in the batch that produced the update (an upper bound on the true tick-to-client
 latency). The first 5 s are discarded; p50/p99 are over every update of every client.
@@ -217,13 +217,14 @@ async def throughput_run(base: Settings, ticks: int, symbols: str, live_s: float
 
 # -- latency ----------------------------------------------------------------------------------------
 
-async def generate(settings: Settings, symbols: list[str], rate: float, seconds: float) -> None:
-    """Ticks stamped with the wall clock at generation, `rate` per second, 5 ms batches."""
+async def generate(settings: Settings, symbols: list[str], rate: float, seconds: float, batch_ms: float = 5.0) -> None:
+    """Ticks stamped with the wall clock at generation, `rate` per second, batches closed
+    after `batch_ms` (or 4,096 ticks) per partition."""
     from ops.feeds.pipeline import FeedPipeline, TickBatcher, TickChunk, TickPublisher
 
     publisher = TickPublisher(settings, linger_ms=1)
     n_partitions = await publisher.start()
-    batcher = TickBatcher(n_partitions, 4_096, 5.0, source="bench")
+    batcher = TickBatcher(n_partitions, 4_096, batch_ms, source="bench")
     pipeline = FeedPipeline(batcher, publisher, max_ready=256)
     ids = np.array([batcher.symbol_id(s) for s in symbols], dtype=np.int32)
     prices = np.full(len(symbols), 100.0)
@@ -286,7 +287,8 @@ async def _new_user(api: str) -> str:
         return str(r.json()["access_token"])
 
 
-async def latency_run(base: Settings, rate: float, clients: int, symbols: list[str], seconds: float) -> LatencyRun:
+async def latency_run(base: Settings, rate: float, clients: int, symbols: list[str], seconds: float,
+                      batch_ms: float) -> LatencyRun:
     settings = _run_settings(base, "l")
     await ensure_topics(settings)
     worker = _spawn(settings, ["-m", "streams.worker", "--agents", "agents.market"], "worker")
@@ -302,7 +304,8 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
         token = await _new_user(api_url)
         total = WARMUP_S + seconds
         generator = _spawn(settings, ["-m", "ops.bench.market_e2e", "_generate", "--rate", str(rate),
-                                      "--seconds", str(total + 2), "--symbols", ",".join(symbols)], "generator")
+                                      "--seconds", str(total + 2), "--symbols", ",".join(symbols),
+                                      "--batch-ms", str(batch_ms)], "generator")
         before = await _ticks_processed(worker_url)
         start = time.time()
         samples: list[float] = []
@@ -357,10 +360,10 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
     if args.mode in ("latency", "all"):
         lat = []
         for _ in range(args.runs):
-            lat.append(await latency_run(base, args.rate, args.clients, symbols, args.seconds))
+            lat.append(await latency_run(base, args.rate, args.clients, symbols, args.seconds, args.batch_ms))
             print(f"  run: {lat[-1]}", flush=True)
-        print(f"latency at {args.rate:,.0f} ticks/s offered, {args.clients} clients x {args.symbols} symbols, "
-              f"median of {args.runs}:")
+        print(f"latency at {args.rate:,.0f} ticks/s offered, {args.batch_ms:g} ms batches, {args.clients} clients x "
+              f"{args.symbols} symbols, median of {args.runs}:")
         print(f"  p50 {_median([r.p50_ms for r in lat]):.1f} ms, p99 {_median([r.p99_ms for r in lat]):.1f} ms, "
               f"max {_median([r.max_ms for r in lat]):.1f} ms, updates/run {_median([r.updates for r in lat]):,.0f}, "
               f"worker ticks/s {_median([r.ticks_per_s for r in lat]):,.0f}")
@@ -371,8 +374,9 @@ def _generate_main(argv: list[str]) -> None:
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--symbols", required=True)
+    p.add_argument("--batch-ms", type=float, default=5.0)
     a = p.parse_args(argv)
-    asyncio.run(generate(load_settings(), a.symbols.split(","), a.rate, a.seconds))
+    asyncio.run(generate(load_settings(), a.symbols.split(","), a.rate, a.seconds, a.batch_ms))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -386,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--symbols", type=int, default=20)
     p.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
     p.add_argument("--batch-ticks", type=int, default=4_096, help="the feed's batch size (throughput)")
+    p.add_argument("--batch-ms", type=float, default=5.0, help="the generator's batch window (latency)")
     p.add_argument("--rate", type=float, default=100_000.0)
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--seconds", type=float, default=20.0)

@@ -1,0 +1,147 @@
+"""The market engine in process (no servers): its one fused Numba call equals the documented
+chain of the separate kernels, its state survives release/reload and a fresh engine on the
+same store, quiet symbols' bars close by watermark, and redelivered batches change nothing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from agents.market import DictStore, EngineConfig, MarketEngine
+from indicators.bank import IndicatorBank
+from indicators.bars import BarAggregator
+from indicators.confidence import ConfidenceModel
+from indicators.outcomes import EXITS, OutcomeTracker
+from indicators.signals import N_STRATEGIES, STRATEGIES, FeatureMap, SignalRules
+from streams.market import INTERVALS_MS, TickBatch, interval_name, tick_batch
+from tests.integration.test_market_support import simulate
+
+SYMBOLS = ("AAPL", "BTCUSD", "ETHUSD", "EURUSD", "MSFT", "NVDA")
+N_PARTITIONS = 4
+INTERVALS = tuple(INTERVALS_MS.values())
+NO_FLUSH = EngineConfig(allowed_lateness_ms=10**12)
+
+
+def _run(engine: MarketEngine, batches: list[TickBatch]) -> list[Any]:
+    return [engine.process(b.partition, b.source, b.seq, b.columns()) for b in batches]
+
+
+def _chain(batches: list[TickBatch]) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]], dict[tuple[Any, ...], Any]]:
+    """docs/MARKET.md's chain, one wrapper call per stage, with the engine's row scheme:
+    stream = symbol row x intervals + interval, model row = partition x strategies + strategy."""
+    rows = {s: i for i, s in enumerate(SYMBOLS)}
+    n_int = len(INTERVALS)
+    bars = BarAggregator(len(SYMBOLS), INTERVALS)
+    bank = IndicatorBank(n_symbols=len(SYMBOLS) * n_int)
+    features, rules = FeatureMap(bank.output_names), SignalRules(n_rows=len(SYMBOLS) * n_int)
+    model = ConfidenceModel(n_models=N_PARTITIONS * N_STRATEGIES)
+    tracker = OutcomeTracker(len(SYMBOLS) * n_int)
+    signals: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    outcomes: dict[tuple[Any, ...], Any] = {}
+    for batch in batches:
+        cols = batch.columns()
+        sym = np.array([rows[s] for s in cols.symbols], dtype=np.int32)[cols.sym]
+        closed = bars.process_batch(sym, cols.ts_ms, cols.price, cols.size)
+        stream = closed.sym.astype(np.int64) * n_int + closed.interval
+        o = closed.ohlcv
+        values = bank.update(stream, o[:, 0], o[:, 1], o[:, 2], o[:, 3], o[:, 4])
+        fired = rules.process_batch(stream, features.build(values, o[:, 1], o[:, 2], o[:, 3]))
+        base = batch.partition * N_STRATEGIES
+        confidence = model.score(base + fired.strategy, fired.x)
+        for q in range(len(fired)):
+            bar = int(fired.bar[q])
+            st = int(stream[bar])
+            key = (SYMBOLS[st // n_int], interval_name(INTERVALS[st % n_int]), int(closed.open_ts_ms[bar]),
+                   STRATEGIES[int(fired.strategy[q])])
+            signals[key] = ("buy" if fired.side[q] > 0 else "sell", float(fired.price[q]),
+                            float(fired.price_target[q]), float(fired.stop_loss[q]), float(confidence[q]),
+                            {n: v for n, v in zip(bank.output_names, values[bar].tolist(), strict=True)
+                             if math.isfinite(v)})
+        out = tracker.process_batch(stream, closed.open_ts_ms, o[:, 1], o[:, 2], o[:, 3], fired.bar,
+                                    closed.open_ts_ms[fired.bar], fired.strategy, fired.side, fired.price,
+                                    fired.price_target, fired.stop_loss, fired.strategy, fired.x)
+        for j in range(len(out)):
+            st = int(out.row[j])
+            key = (SYMBOLS[st // n_int], interval_name(INTERVALS[st % n_int]), int(out.signal_ts_ms[j]),
+                   STRATEGIES[int(out.strategy[j])], int(tracker.horizons[out.horizon[j]]))
+            outcomes[key] = (float(out.realised_return[j]), bool(out.hit[j]), EXITS[int(out.exit[j])])
+        train = out.horizon == 0
+        model.learn(base + out.model[train], out.x[train], out.hit[train])
+    return signals, outcomes
+
+
+def test_the_fused_kernel_equals_the_chain_of_separate_kernels() -> None:
+    ticks = simulate(SYMBOLS, seconds=150, rate=300, seed=7, n_partitions=N_PARTITIONS)
+    results = _run(MarketEngine(DictStore(N_PARTITIONS), NO_FLUSH), ticks.batches)
+    want_signals, want_outcomes = _chain(ticks.batches)
+    got_signals = {(s.symbol, s.interval, s.signal_ts_ms - INTERVALS_MS[s.interval], s.strategy):
+                   (s.action, s.price, s.price_target, s.stop_loss, s.confidence, s.indicators)
+                   for r in results for s in r.signals}
+    got_outcomes = {_outcome_key(o): (o.realised_return, o.hit, o.exit) for r in results for o in r.outcomes}
+    assert len(want_signals) > 20 and len(want_outcomes) > 20
+    assert got_signals == want_signals  # bit for bit, confidences included
+    assert got_outcomes == want_outcomes
+
+
+def _outcome_key(o: Any) -> tuple[Any, ...]:
+    symbol, interval, open_ts, strategy = o.signal_id.rsplit(":", 3)
+    return symbol, interval, int(open_ts), strategy, o.horizon_bars
+
+
+def test_release_reload_and_a_fresh_engine_continue_exactly() -> None:
+    ticks = simulate(SYMBOLS, seconds=120, rate=300, seed=3, n_partitions=N_PARTITIONS)
+    half = len(ticks.batches) // 2
+    straight_store = DictStore(N_PARTITIONS)
+    straight = _run(MarketEngine(straight_store), ticks.batches)
+
+    store = DictStore(N_PARTITIONS)
+    engine = MarketEngine(store)
+    first = _run(engine, ticks.batches[:half])
+    engine.release(range(N_PARTITIONS))  # every partition revoked ...
+    middle = _run(engine, ticks.batches[half:half + 50])  # ... and reassigned: reloaded from the store
+    fresh = MarketEngine(store)  # a restart: nothing in memory
+    rest = _run(fresh, ticks.batches[half + 50:])
+
+    def events(results: list[Any]) -> list[Any]:
+        return [msgspec.to_builtins(e) | {"id": "", "ts_ms": 0} for r in results for e in (*r.signals, *r.outcomes)]
+
+    assert events(first + middle + rest) == events(straight)
+    assert [u for r in first + middle + rest for u in r.fanout.updates] == \
+        [u for r in straight for u in r.fanout.updates]
+    assert store.symbols == straight_store.symbols and store.streams == straight_store.streams
+    assert store.partitions == straight_store.partitions and store.last_signals.keys() == straight_store.last_signals.keys()
+
+
+def test_a_quiet_symbols_bar_closes_when_the_partition_watermark_passes() -> None:
+    engine = MarketEngine(DictStore(1), EngineConfig(intervals_ms=(1_000,), allowed_lateness_ms=2_000))
+
+    def batch(seq: int, symbols: list[str], sym: list[int], ts: list[int]) -> Any:
+        b = tick_batch(partition=0, source="t", seq=seq, symbols=symbols, sym=np.array(sym, np.int32),
+                       ts_ms=np.array(ts, np.int64), price=np.full(len(ts), 10.0), size=np.ones(len(ts)))
+        return engine.process(0, b.source, b.seq, b.columns())
+
+    batch(0, ["QUIET", "BUSY"], [0, 1], [10_100, 10_200])
+    closed = batch(1, ["BUSY"], [0, 0], [11_500, 12_900])  # BUSY's 10 s and 11 s bars close by its own ticks
+    assert [(b.symbol, b.open_ts_ms) for batch_ in closed.bars for b in batch_.rows()] == [("BUSY", 10_000),
+                                                                                          ("BUSY", 11_000)]
+    # Event time passes 11 s + 2 s of lateness: QUIET's 10 s bar closes without a tick of its own.
+    closed = batch(2, ["BUSY"], [0], [13_050])
+    assert {(b.symbol, b.open_ts_ms) for batch_ in closed.bars for b in batch_.rows()} == {("QUIET", 10_000),
+                                                                                          ("BUSY", 12_000)}
+    late = batch(3, ["QUIET"], [0], [10_900])  # before the end of its flushed bar: late, dropped
+    assert late.bars == [] and engine.bars.late_count(engine.row_of["QUIET"]) == 1
+
+
+def test_a_redelivered_batch_changes_nothing() -> None:
+    ticks = simulate(SYMBOLS, seconds=60, rate=300, seed=5, n_partitions=N_PARTITIONS)
+    store = DictStore(N_PARTITIONS)
+    engine = MarketEngine(store)
+    _run(engine, ticks.batches)
+    before = (dict(store.symbols), dict(store.streams), dict(store.partitions))
+    again = _run(engine, ticks.batches[-30:])
+    assert all(not r.bars and not r.signals and not r.fanout.updates and r.ticks == 0 for r in again)
+    assert sum(r.skipped_ticks for r in again) == sum(b.count for b in ticks.batches[-30:])
+    assert (store.symbols, store.streams, store.partitions) == before
