@@ -96,22 +96,27 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "FINTIDE_DATA_DIR": settings.data_dir, "FINTIDE_TOPIC_PREFIX": settings.topic_prefix,
         "FINTIDE_APP_ID": settings.app_id, "FINTIDE_WORKER_ID": settings.worker_id,
         "FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_FRAUD_SCORER": settings.fraud_scorer,
+        "FINTIDE_FRAUD_BUDGET_MS": str(settings.fraud_budget_ms),
+        "FINTIDE_FRAUD_FAIL_OPEN_LIMIT_MINOR": str(settings.fraud_fail_open_limit_minor),
     })
     return env
 
 
-async def start_worker(settings: Settings) -> FraudWorker:
+async def start_worker(settings: Settings, agents: str = "agents.fraud",
+                       ready: Callable[[FraudWorker], Awaitable[bool]] | None = None) -> FraudWorker:
+    """A worker child process running `agents`, returned once `ready` (default: it owns
+    fraud table partitions and has loaded the rules)."""
     log_path = Path(settings.data_dir) / f"{settings.worker_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    web_url_path(settings).unlink(missing_ok=True)  # a killed worker leaves its old one
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.test_fraud_support",
-                                 "--agents", "agents.fraud"],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.test_fraud_support", "--agents", agents],
                                 cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     worker = FraudWorker(settings, proc, log_path)
     try:
         worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "web.url")
-        await wait_for(lambda: _ready(worker), START_TIMEOUT_S, "partitions and rules")
+        await wait_for(lambda: (ready or _ready)(worker), START_TIMEOUT_S, "the worker to be ready")
     except BaseException:
         worker.proc.kill()
         worker.proc.wait(5)
