@@ -372,15 +372,28 @@ async def create_payment(request: Request[Any, Any, Any], data: PaymentIn, resou
     context = _payment_context(request)
     pool = await resources.pool("payments")
 
+    intake = _intake_of(request.app.state, pool)
+
     async def work(effect_id: UUID) -> tuple[int, PaymentAccepted]:
+        asked = payments.PaymentRequest(payment_id=effect_id, payer_id=user.id, from_account_id=data.from_wallet,
+                                        to_account_id=data.to_wallet, amount_minor=data.amount_minor,
+                                        currency=data.currency, description=data.description, context=context)
         async with pool.acquire() as conn:
-            payment = await payments.initiate_payment(
-                conn, payment_id=effect_id, payer_id=user.id, from_account_id=data.from_wallet,
-                to_account_id=data.to_wallet, amount_minor=data.amount_minor, currency=data.currency,
-                description=data.description, context=context)
-        return 202, PaymentAccepted(payment.id, payment.status)
+            await payments.check_payment_request(conn, asked)  # precise problems before batching
+        result = await intake.submit(asked)  # one transaction for every request arriving meanwhile
+        payments.raise_rejection(result)
+        return 202, PaymentAccepted(result.payment_id, result.status)
 
     return await idempotent(request, pool, owner_id=user.id, table=IDEMPOTENCY_TABLE, work=work)
+
+
+def _intake_of(state: State, pool: Any) -> payments.PaymentIntake:
+    """The app's group-commit intake for payment requests (services.payments.PaymentIntake)."""
+    intake = getattr(state, "payment_intake", None)
+    if intake is None or intake.pool is not pool:
+        intake = payments.PaymentIntake(pool)
+        state.payment_intake = intake
+    return intake
 
 
 @get("/payments/{payment_id:uuid}", summary="A payment: status, history of saga steps, failure reason",

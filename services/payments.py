@@ -15,9 +15,10 @@ docs/PAYMENTS.md lists the invariants and where each one is enforced.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +48,7 @@ from db.payments import (
 )
 from services import payments_events as events
 from services.gateway import PaymentGateway, WebhookEvent
-from services.money import MAX_AMOUNT_MINOR, CURRENCY_EXPONENTS
+from services.money import CURRENCY_EXPONENTS, MAX_AMOUNT_MINOR
 
 # Bounds (TigerBeetle style): every batch, page and timeout has a limit.
 MAX_BATCH: Final = 8_192
@@ -123,7 +124,7 @@ _ERROR_BY_REASON: Final[dict[str, type[PaymentsError]]] = {
     "unknown_account": NotFound, "currency_mismatch": CurrencyMismatch, "same_account": SameAccount,
     "insufficient_funds": InsufficientFunds, "invalid_amount": InvalidRequest, "unknown_hold": NotFound,
     "hold_not_pending": InvalidState, "hold_expired": InvalidState, "hold_account_mismatch": InvalidRequest,
-    "hold_amount_exceeded": InvalidRequest, "invalid_kind": InvalidRequest,
+    "hold_amount_exceeded": InvalidRequest, "invalid_kind": InvalidRequest, "id_reused": IdReused,
 }
 
 
@@ -550,19 +551,10 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
     an input error: the payment is recorded as failed with reason `insufficient_funds`.
     The same payment_id again returns the first payment (IdReused if the fields differ).
     """
-    _check_amount(amount_minor)
-    _check_currency(currency)
-    _check_text(description, "description")
-    if context is not None:
-        context.check()
-    if from_account_id == to_account_id:
-        raise SameAccount("cannot pay into the wallet the money comes from", field="to_wallet")
-    accounts = await db.get_accounts(conn, [from_account_id, to_account_id])
-    payer = _require_wallet(accounts.get(from_account_id), owner_id=payer_id, field="from_wallet")
-    payee = _require_wallet(accounts.get(to_account_id), owner_id=None, field="to_wallet")
-    for account, field in ((payer, "from_wallet"), (payee, "to_wallet")):
-        if account.currency != currency:
-            raise CurrencyMismatch(f"{field} holds {account.currency}, not {currency}", field=field)
+    await check_payment_request(conn, PaymentRequest(
+        payment_id=payment_id, payer_id=payer_id, from_account_id=from_account_id, to_account_id=to_account_id,
+        amount_minor=amount_minor, currency=currency, description=description,
+        context=context or PaymentContext(), hold_ttl_s=hold_ttl_s))
     async with conn.transaction():
         locked = await db.lock_balances(conn, [from_account_id])
         existing = await db.get_payment(conn, payment_id)
@@ -825,6 +817,82 @@ async def _initiate_locked(conn: asyncpg.Connection, requests: Sequence[PaymentR
         if results[i] is None:
             p = created[pid]
             results[i] = InitiateResult(pid, p.status, p, p.failure_reason, new=fresh[pid][0] == i)
+
+
+async def check_payment_request(conn: asyncpg.Connection, r: PaymentRequest) -> None:
+    """Raise the problem initiate_payment raises for bad input (unknown wallets, another
+    user's wallet, wrong currency, paying into the same wallet, bad amount or context),
+    without locking or writing anything."""
+    _check_amount(r.amount_minor)
+    _check_currency(r.currency)
+    _check_text(r.description, "description")
+    r.context.check()
+    if not 1 <= r.hold_ttl_s <= MAX_HOLD_TTL_S:
+        raise InvalidRequest(f"hold ttl must be between 1 and {MAX_HOLD_TTL_S} seconds", field="hold_ttl_s")
+    if r.from_account_id == r.to_account_id:
+        raise SameAccount("cannot pay into the wallet the money comes from", field="to_wallet")
+    accounts = await db.get_accounts(conn, [r.from_account_id, r.to_account_id])
+    payer = _require_wallet(accounts.get(r.from_account_id), owner_id=r.payer_id, field="from_wallet")
+    payee = _require_wallet(accounts.get(r.to_account_id), owner_id=None, field="to_wallet")
+    for account, field in ((payer, "from_wallet"), (payee, "to_wallet")):
+        if account.currency != r.currency:
+            raise CurrencyMismatch(f"{field} holds {account.currency}, not {r.currency}", field=field)
+
+
+class Busy(PaymentsError):
+    status = 503
+    slug = "busy"
+
+
+class PaymentIntake:
+    """Group commit for payments requested one at a time (POST /payments).
+
+    Each request would otherwise be its own transaction, and all of one hot wallet's
+    requests would queue on its balance row lock, each holding it across several round
+    trips. Here requests wait in a bounded in-process queue; one flush at a time takes
+    everything queued (up to SAGA_BATCH_MAX) into one initiate_payments transaction, so a
+    thousand concurrent payments cost a handful of transactions. No timer adds latency:
+    a request arriving at an idle intake is flushed at once, and whatever arrives while a
+    flush runs goes in the next. Past `max_pending` queued requests, Busy (503).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, max_pending: int = 10_000) -> None:
+        assert 0 < max_pending <= 100_000, "intake bound"
+        self.pool = pool
+        self.max_pending = max_pending
+        self._queued: deque[tuple[PaymentRequest, asyncio.Future[InitiateResult]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, request: PaymentRequest) -> InitiateResult:
+        if len(self._queued) >= self.max_pending:
+            raise Busy(f"{len(self._queued)} payment requests are waiting; retry shortly")
+        future: asyncio.Future[InitiateResult] = asyncio.get_running_loop().create_future()
+        self._queued.append((request, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._queued:
+            batch = [self._queued.popleft() for _ in range(min(len(self._queued), SAGA_BATCH_MAX))]
+            try:
+                async with self.pool.acquire() as conn:
+                    results = await initiate_payments(conn, [request for request, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error (and may retry)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+def raise_rejection(result: InitiateResult) -> None:
+    """The problem for a request initiate_payments refused (a race past the pre-check)."""
+    if result.status == "rejected":
+        assert result.reason is not None
+        raise _ERROR_BY_REASON.get(result.reason, InvalidRequest)(result.reason.replace("_", " "))
 
 
 def _request_key(r: PaymentRequest) -> tuple[UUID, UUID, UUID, int, str]:
