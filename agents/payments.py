@@ -101,6 +101,7 @@ POOL_MAX_SIZE: Final = 6
 RETRY_BUDGET_S: Final = 60.0
 RETRY_BACKOFF_MAX_S: Final = 2.0
 EXIT_NO_PROGRESS: Final = 75
+UNEXPECTED_ATTEMPTS: Final = 3
 RELAY_BATCH: Final = 2_000
 RELAY_MAX_BATCHES_PER_TICK: Final = 20
 RECOVERY_PAGE: Final = 1_000
@@ -124,7 +125,9 @@ RELAYED = Counter("fintide_payments_outbox_relayed_total", "Outbox rows publishe
 RECOVERED = Gauge("fintide_payments_recovered", "1 once this worker republished balances and open sagas "
                   "from PostgreSQL (the leader does it at start).")
 
+# InternalClientError: asyncpg's state after a connection was terminated mid-operation.
 TRANSIENT: Final = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.InternalClientError,
                     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
                     asyncpg.exceptions.TransactionRollbackError, KafkaError, ProducerSendError)
 
@@ -261,17 +264,24 @@ def owns(item: Item[Any], key: str, n_partitions: int) -> bool:
 
 async def process_batch(app: FintideApp, spec: TopicSpec[Any], batch: Sequence[EventT[Any]], agent: str,
                         work: Callable[[], Awaitable[int]]) -> None:
-    """Run one batch's work. An unexpected error (a bug, not the database or the broker)
-    dead-letters the batch's messages with the error, so nothing is lost and the agent
-    goes on; transient errors are retried inside `work`."""
-    try:
-        processed = await work()
-    except Exception as exc:
-        log.exception("batch failed; dead-lettering its %d message(s)", len(batch))
-        for message_event in batch:
-            await send_dead_letter(app, spec, message_event, exc, agent)
+    """Run one batch's work. Transient errors are retried inside `work`; any other error is
+    retried UNEXPECTED_ATTEMPTS times too (the work is idempotent, and an error we did not
+    foresee may still be passing), then the batch's messages go to the dead-letter topic
+    with it, so nothing is lost and the agent goes on."""
+    for attempt in range(1, UNEXPECTED_ATTEMPTS + 1):
+        try:
+            processed = await work()
+        except Exception as exc:
+            if attempt < UNEXPECTED_ATTEMPTS:
+                log.warning("batch failed (attempt %d), retrying: %r", attempt, exc)
+                await asyncio.sleep(0.5 * attempt)
+                continue
+            log.exception("batch failed %d times; dead-lettering its %d message(s)", attempt, len(batch))
+            for message_event in batch:
+                await send_dead_letter(app, spec, message_event, exc, agent)
+            return
+        EVENTS_PROCESSED.labels(spec.name, agent).inc(processed)
         return
-    EVENTS_PROCESSED.labels(spec.name, agent).inc(processed)
 
 
 def never_raises(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
@@ -376,12 +386,21 @@ def install(app: FintideApp) -> None:
             items = await decode_items(app, LEDGER, batch, PROJECTION_AGENT)
             await process_batch(app, LEDGER, batch, PROJECTION_AGENT, functools.partial(on_ledger_events, saga, items))
 
-    @app.timer(settings.payments_relay_interval_ms / 1000, on_leader=True)
     @never_raises
     async def relay() -> None:
         if not saga.recovered:
             await recover(saga)
         await relay_outbox(saga)
+
+    @app.task
+    async def relay_loop() -> None:
+        # A loop rather than a timer: a 20 ms timer whose tick takes longer is reported as
+        # "overlapping" on every tick. Only the leader relays (and the advisory lock in
+        # relay_outbox_once keeps it one at a time even across groups).
+        while True:
+            if app.is_leader():
+                await relay()
+            await asyncio.sleep(settings.payments_relay_interval_ms / 1000)
 
     @app.timer(max(0.05, settings.fraud_budget_ms / 4000))
     @never_raises
