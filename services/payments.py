@@ -19,7 +19,7 @@ import asyncio
 import base64
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Final
@@ -968,9 +968,9 @@ async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome])
             raise InvalidRequest(f"bad risk outcome {o.action!r} (reason {o.reason!r})", field="action")
     applied_at: dict[int, Payment] = {}
     pending = list(range(len(outcomes)))
-    latest: dict[UUID, Payment] = {}
+    latest: dict[UUID, Payment | db.PaymentHead] = {}
     for _ in range(MAX_RISK_ROUNDS):
-        latest.update(await db.get_payments(conn, {outcomes[i].payment_id for i in pending}))
+        latest.update(await db.payment_heads(conn, {outcomes[i].payment_id for i in pending}))
         chosen: dict[UUID, int] = {}
         for i in pending:
             o, p = outcomes[i], latest.get(outcomes[i].payment_id)
@@ -995,7 +995,8 @@ async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome])
     return out
 
 
-async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome], seen: dict[UUID, Payment]) -> dict[UUID, Payment]:
+async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome],
+                         seen: Mapping[UUID, Payment | db.PaymentHead]) -> dict[UUID, Payment]:
     accounts = {a for o in todo for p in (seen[o.payment_id],)
                 for a in ((p.from_account_id, p.to_account_id) if o.action == "capture" else (p.from_account_id,))}
     locked = await db.lock_balances(conn, accounts)
@@ -1035,7 +1036,7 @@ async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome], seen
     return {p.id: p for p in updated}
 
 
-def _plan_capture(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold, work: _Working,
+def _plan_capture(plan: _SettlePlan, p: db.PaymentHead, o: RiskOutcome, hold: Hold, work: _Working,
                   db_now: datetime) -> None:
     request = TransferRequest(id=derived_id(p.id, "capture"), from_account_id=p.from_account_id,
                               to_account_id=p.to_account_id, amount_minor=p.amount_minor, currency=p.currency,
@@ -1058,7 +1059,7 @@ def _plan_capture(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold, wor
                                          transaction_id=request.id, captured_minor=p.amount_minor))
 
 
-def _plan_review(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold) -> None:
+def _plan_review(plan: _SettlePlan, p: db.PaymentHead, o: RiskOutcome, hold: Hold) -> None:
     # Holds cannot be extended (a pending hold is immutable), so the reservation moves to
     # a longer hold in the same transaction: the money never becomes available meanwhile.
     review_hold = derived_id(p.id, "review-hold")
@@ -1070,7 +1071,7 @@ def _plan_review(plan: _SettlePlan, p: Payment, o: RiskOutcome, hold: Hold) -> N
                                          steps=[_step("under_review", o.detail)], hold_id=review_hold))
 
 
-def _plan_fail(plan: _SettlePlan, p: Payment, hold: Hold, hold_status: str, reason: str, detail: str = "") -> None:
+def _plan_fail(plan: _SettlePlan, p: db.PaymentHead, hold: Hold, hold_status: str, reason: str, detail: str = "") -> None:
     plan.resolutions.append((hold.id, hold_status, None, None, None))
     plan.ledger.append(events.hold_resolved(hold, hold_status, None, None))
     plan.reserved[p.from_account_id] -= hold.amount_minor
