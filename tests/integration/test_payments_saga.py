@@ -247,3 +247,19 @@ async def test_fintide_reconcile_reads_the_payments_dsn_and_fails_on_a_differenc
         assert differs.returncode == 1 and "balance.posted" in differs.stdout, differs.stdout + differs.stderr
     finally:
         await conn.close()
+
+
+def test_the_http_gateway_is_used_when_a_gateway_url_is_set() -> None:
+    from litestar.datastructures import State
+
+    from api.payments import gateway_of
+    from ops.settings import load_settings
+    from services.gateway import HttpGateway, SimulatedGateway
+
+    real = State({"settings": load_settings(environ={}, env="test", gateway_url="http://127.0.0.1:9",
+                                            gateway_api_key="sk_test_123")})
+    assert isinstance(gateway_of(real), HttpGateway) and gateway_of(real) is gateway_of(real)
+    assert isinstance(gateway_of(State({"settings": load_settings(environ={}, env="test")})), SimulatedGateway)
+    with pytest.raises(ValueError, match="GATEWAY_API_KEY"):
+        load_settings(environ={}, env="test", gateway_url="http://127.0.0.1:9")
+    assert load_settings(environ={}, env="test", gateway_api_key="sk_test_123").redacted()["gateway_api_key"] == "***"
