@@ -111,6 +111,8 @@ def _run(ops: np.ndarray, args: np.ndarray, length: int, x: np.ndarray, stack: n
                 r = 1.0 if (_truthy(a) and _truthy(b)) else 0.0
             elif op == OP_OR:
                 r = 1.0 if (_truthy(a) or _truthy(b)) else 0.0
+            elif a != a or b != b:  # min/max of NaN is NaN, whatever the argument order
+                r = np.nan
             elif op == OP_MIN:
                 r = min(a, b)
             else:  # OP_MAX

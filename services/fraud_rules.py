@@ -276,7 +276,7 @@ def _walk(node: ast.expr, env: dict[str, float]) -> float:  # noqa: PLR0911 - on
         if node.func.id == "abs":
             return abs(vals[0])
         a, b = vals
-        if a != a or b != b:  # Numba's min/max on floats propagate NaN
+        if a != a or b != b:  # the kernel's min/max propagate NaN (unlike Python's)
             return math.nan
         return min(a, b) if node.func.id == "min" else max(a, b)
     raise AssertionError(f"unreachable: {type(node).__name__}")

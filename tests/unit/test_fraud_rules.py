@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from indicators import risk_model as rm
@@ -146,6 +146,10 @@ def expressions() -> st.SearchStrategy[str]:
 @settings(max_examples=300, deadline=None)
 @given(expressions(), st.fixed_dictionaries({name: VALUES for name in NAMES if name != "score"}),
        st.sampled_from([0.0, 12.0, 50.0, 99.0]))
+@example("(-(not min(new_device, amount_minor)))", {**dict.fromkeys(NAMES[:-1], 0.0), "new_device": 1.0,
+                                                        "amount_minor": math.nan}, 0.0)
+@example("max(amount_minor, new_device) > 0", {**dict.fromkeys(NAMES[:-1], 0.0), "new_device": math.nan,
+                                                "amount_minor": 1.0}, 0.0)
 def test_compiled_rules_agree_with_a_plain_evaluation(expression: str, values: dict[str, float],
                                                       score: float) -> None:
     try:
