@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import httpx
-import msgspec
-import uvicorn
 
 import asyncpg
+import msgspec
 from aiokafka import AIOKafkaConsumer
 from litestar.testing import AsyncTestClient
+from redis.asyncio import Redis
 
 from api.app import create_app
-from ops.embedded import free_port
 from db.engine import create_pool
-from redis.asyncio import Redis
+from ops.embedded import free_port
 from ops.settings import Settings
-from services.identity_common import IdentityContext
 from services import identity_events
+from services.identity_common import IdentityContext
 from streams import identity as events
 from streams.publisher import EventPublisher
 from streams.topics import bootstrap_servers, ensure_topics, full_name
+from tests.helpers.api import served
 from tests.helpers.auth import admin_login, register_and_login
 
 
@@ -43,26 +38,6 @@ async def consume(settings: Settings, want: int, timeout_s: float = 20.0) -> lis
     finally:
         await consumer.stop()
     return got
-
-
-@asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app on a real uvicorn server in this event loop (so the test can reach its resources)."""
-    app = create_app(settings)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            client.app = app  # type: ignore[attr-defined]  # tests.helpers.auth reads app.state.settings
-            yield client
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_events_are_published_to_kafka_keyed_by_user_and_marked_in_the_outbox(settings: Settings) -> None:

@@ -45,6 +45,7 @@ from streams.payments import (
 )
 from streams.publisher import EventPublisher
 from tests.conftest import TEMPLATE_DB, _db_url
+from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.integration.test_payments_saga_support import (
     Worker,
@@ -53,7 +54,6 @@ from tests.integration.test_payments_saga_support import (
     fresh_database,
     key,
     saga_settings,
-    served,
     start_worker,
     statuses,
     wait_for,

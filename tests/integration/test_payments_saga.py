@@ -26,9 +26,15 @@ from ops.settings import Settings
 from services import payments
 from services.payments import TransferRequest
 from streams.fraud import REQUESTS
-from streams.payments import PAYMENTS, PaymentEventBatch, PaymentRequested, partition_for_key
+from streams.payments import (
+    PAYMENTS,
+    PaymentEventBatch,
+    PaymentRequested,
+    partition_for_key,
+)
 from streams.publisher import EventPublisher
 from tests.conftest import TEMPLATE_DB, _db_url
+from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.integration.test_payments_saga_support import (
     REPO,
@@ -37,11 +43,8 @@ from tests.integration.test_payments_saga_support import (
     assert_saga_sound,
     fresh_database,
     key,
-    payment_row,
-    read_dead_letters,
     read_topic,
     saga_settings,
-    served,
     start_worker,
     wait_terminal,
     wallets,
@@ -209,7 +212,7 @@ async def test_kafka_in_requests_complete_once_and_bad_ones_are_dead_lettered(en
     counts = await wait_terminal(env.pool, [r.payment_id for r in good], worker=env.worker)
     assert counts == {"completed": 42}
     assert await env.pool.fetchval("SELECT count(*) FROM payments.payments WHERE id = $1", unknown.payment_id) == 0
-    letters = await read_dead_letters(env.settings, PAYMENTS.name, lambda vs: len(vs) >= 1)
+    letters = await read_topic(env.settings, PAYMENTS, lambda vs: len(vs) >= 1, dead_letters=True)
     assert [(v.agent, str(unknown.payment_id) in v.value, "unknown_account" in v.error) for v in letters] == [
         ("payments.saga", True, True)]
     for p in payers:

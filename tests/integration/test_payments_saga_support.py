@@ -10,113 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 import asyncpg
-import httpx
-import uvicorn
 from aiokafka import AIOKafkaConsumer
 
-from api.app import create_app
 from db.payments import Account
 from ops.settings import Settings, load_settings
 from services import payments
 from streams.codec import decode
 from streams.events import DeadLetter
 from streams.topics import TopicSpec, dlq_name, full_name
-from streams.worker import web_url_path
+from tests.helpers import workers
+from tests.helpers.workers import WorkerProcess, get_json, metric, wait_for
 from tests.integration.test_payments_support import assert_ledger_sound, funded_wallet
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
 SAGA_AGENTS = "agents.payments,agents.fraud_passthrough"
 TERMINAL = ("completed", "failed")
-T = TypeVar("T")
 
 
 # -------------------------------------------------------------------------------- workers
 
-@dataclass
-class Worker:
-    settings: Settings
-    agents: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> int:
-        """SIGTERM, as an orchestrator would; kill the group only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                raise AssertionError(f"worker ignored SIGTERM for {STOP_TIMEOUT_S} s:\n{self.log_tail()}") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, no offset commit, RocksDB as it was at that instant."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+Worker = WorkerProcess
+# What a saga worker reads beyond the base settings (tests vary them).
+SAGA_ENV_FIELDS = ("topic_partitions", "fraud_scorer", "fraud_budget_ms", "fraud_fail_open_limit_minor",
+                   "payments_batch_max", "payments_batch_wait_ms", "payments_relay_interval_ms")
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
-    for name in ("env", "kafka_bootstrap", "database_url", "redis_url", "data_dir", "topic_prefix", "app_id",
-                 "worker_id", "topic_partitions", "fraud_scorer", "fraud_budget_ms", "fraud_fail_open_limit_minor",
-                 "payments_batch_max", "payments_batch_wait_ms", "payments_relay_interval_ms"):
-        env[f"FINTIDE_{name.upper()}"] = str(getattr(settings, name))
-    env.update({"FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_LOG_LEVEL": "INFO"})
-    return env
-
-
-async def start_worker(settings: Settings, agents: str = SAGA_AGENTS) -> Worker:
+async def start_worker(settings: Settings, agents: str = SAGA_AGENTS) -> WorkerProcess:
     """A worker child process, returned once it owns every partition of its tables and has
     republished PostgreSQL's balances and open sagas (what it does first as the leader)."""
-    log_path = Path(settings.data_dir) / f"{settings.worker_id}-{time.monotonic_ns()}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    web_url_path(settings).unlink(missing_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.worker", "--agents", agents], cwd=REPO,
-                                env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    worker = Worker(settings, agents, proc, log_path)
-    try:
-        worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "the worker's web.url")
-        await wait_for(lambda: _owns_everything(worker), START_TIMEOUT_S, "partition assignment")
-        await wait_for(lambda: _recovered(worker), START_TIMEOUT_S, "the republish from PostgreSQL")
-    except BaseException:
-        worker.kill()
-        raise
-    return worker
+    async def ready(worker: WorkerProcess) -> bool:
+        return await _owns_everything(worker) and await _recovered(worker)
+
+    return await workers.start_worker(settings, agents.split(","), ready, env_fields=SAGA_ENV_FIELDS)
 
 
-async def _read_url(worker: Worker) -> str | None:
-    assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
-    path = web_url_path(worker.settings)
-    return path.read_text().strip() if path.exists() else None
-
-
-async def _owns_everything(worker: Worker) -> bool:
+async def _owns_everything(worker: WorkerProcess) -> bool:
     assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
     report = await get_json(worker.url + "/ops/")
     if not report:
@@ -127,43 +64,9 @@ async def _owns_everything(worker: Worker) -> bool:
                for name in ("payments.sagas", "payments.balances"))
 
 
-async def _recovered(worker: Worker) -> bool:
+async def _recovered(worker: WorkerProcess) -> bool:
     assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
     return await metric(worker, "fintide_payments_recovered", {}) == 1.0
-
-
-async def wait_for(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def get_json(url: str) -> Any:
-    async with httpx.AsyncClient(timeout=10) as client:
-        try:
-            response = await client.get(url)
-        except httpx.TransportError:
-            return None
-    return response.json() if response.status_code == 200 else None
-
-
-async def metric(worker: Worker, name: str, labels: dict[str, str]) -> float:
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(worker.url + "/metrics")).text
-    wanted = {f'{k}="{v}"' for k, v in labels.items()}
-    for line in text.splitlines():
-        if not labels and line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-        if line.startswith(name + "{"):
-            series, value = line.rsplit(" ", 1)
-            if set(series[len(name):].strip("{}").split(",")) == wanted:
-                return float(value)
-    return 0.0
 
 
 # ------------------------------------------------------------------------ settings and dbs
@@ -197,29 +100,6 @@ async def fresh_database(admin_url: str, template: str) -> AsyncIterator[str]:
 
 
 # ------------------------------------------------------------------------------- the API
-
-@asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app on a real uvicorn server in this event loop; `client.ws_url` for WebSockets."""
-    app = create_app(settings)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the API did not start"
-        await asyncio.sleep(0.02)
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits) as client:
-            client.app = app  # type: ignore[attr-defined]  # tests.helpers.auth reads app.state.settings
-            client.ws_url = f"ws://127.0.0.1:{port}"  # type: ignore[attr-defined]
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-
 
 def key() -> dict[str, str]:
     return {"Idempotency-Key": uuid.uuid4().hex}
@@ -310,9 +190,10 @@ async def payment_row(pool: asyncpg.Pool, payment_id: UUID) -> Any:
 # ------------------------------------------------------------------------------- kafka
 
 async def read_topic(settings: Settings, spec: TopicSpec[Any], until: Callable[[list[Any]], bool],
-                     timeout_s: float = 30.0, *, raw: bool = False) -> list[Any]:
-    """Read a topic from the beginning until `until(values)` holds."""
-    consumer = AIOKafkaConsumer(full_name(settings, spec.name), bootstrap_servers=settings.kafka_bootstrap,
+                     timeout_s: float = 30.0, *, raw: bool = False, dead_letters: bool = False) -> list[Any]:
+    """Read a topic (or its dead letters) from the beginning until `until(values)` holds."""
+    topic = dlq_name(spec.name) if dead_letters else spec.name
+    consumer = AIOKafkaConsumer(full_name(settings, topic), bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False,
                                 group_id=f"t-{uuid.uuid4().hex[:8]}")
     await consumer.start()
@@ -322,26 +203,11 @@ async def read_topic(settings: Settings, spec: TopicSpec[Any], until: Callable[[
             while not until(values):
                 batch = await consumer.getmany(timeout_ms=200)
                 for records in batch.values():
-                    values += [r if raw else spec.decode(r.value) for r in records]
+                    values += [r if raw else _decode(spec, r.value, dead_letters) for r in records]
     finally:
         await consumer.stop()
     return values
 
 
-async def read_dead_letters(settings: Settings, topic: str, until: Callable[[list[DeadLetter]], bool],
-                            timeout_s: float = 30.0) -> list[DeadLetter]:
-    """Read `<topic>.dlq` from the beginning until `until(letters)` holds."""
-    consumer = AIOKafkaConsumer(full_name(settings, dlq_name(topic)), bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                group_id=f"t-{uuid.uuid4().hex[:8]}")
-    await consumer.start()
-    letters: list[DeadLetter] = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not until(letters):
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    letters += [decode(r.value, DeadLetter) for r in records]
-    finally:
-        await consumer.stop()
-    return letters
+def _decode(spec: TopicSpec[Any], value: bytes, dead_letter: bool) -> Any:
+    return decode(value, DeadLetter) if dead_letter else spec.decode(value)
