@@ -37,7 +37,7 @@ from streams.worker import web_url_path
 from tests.conftest import TEMPLATE_DB, _db_url
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 TEST_FETCH_MAX_WAIT_MS = 5
 T = TypeVar("T")
@@ -206,7 +206,7 @@ class Decisions:
                                           auto_offset_reset="latest", enable_auto_commit=False,
                                           fetch_max_wait_ms=TEST_FETCH_MAX_WAIT_MS)
         await self._consumer.start()
-        await wait_for(self._assigned, 20, "decision partitions")
+        await wait_for(self._assigned, 60, "decision partitions")
         await self._consumer.seek_to_end()
         for tp in self._consumer.assignment():
             await self._consumer.position(tp)
@@ -220,20 +220,33 @@ class Decisions:
         assert self._consumer is not None
         await self._consumer.stop()
 
-    async def collect(self, payment_ids: Sequence[str], timeout_s: float = 30.0, *,
+    async def collect(self, payment_ids: Sequence[str], timeout_s: float = 60.0, *,
                       source: str = "model") -> dict[str, RiskDecided]:
         """The first decision of `source` for each payment id (waits for all)."""
-        assert self._consumer is not None
-        deadline = time.monotonic() + timeout_s
         wanted = set(payment_ids)
-        while True:
-            found: dict[str, RiskDecided] = {}
+
+        def found() -> dict[str, RiskDecided]:
+            first: dict[str, RiskDecided] = {}
             for d in self.seen:
                 if d.payment_id in wanted and d.source == source:
-                    found.setdefault(d.payment_id, d)
-            if len(found) == len(wanted):
-                return found
-            assert time.monotonic() < deadline, f"{len(wanted) - len(found)} decisions missing after {timeout_s} s"
+                    first.setdefault(d.payment_id, d)
+            return first
+
+        await self.until(lambda: len(found()) == len(wanted), timeout_s, f"decisions of {len(wanted)} payments")
+        return found()
+
+    async def count(self, payment_id: str, n: int, timeout_s: float = 60.0) -> None:
+        """Wait until `payment_id` has at least `n` decisions (a redelivery is answered again)."""
+        await self.until(lambda: sum(d.payment_id == payment_id for d in self.seen) >= n, timeout_s,
+                         f"{n} decisions of {payment_id}")
+
+    async def until(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Read decisions into `seen` until `done()`: the test of a condition always sees
+        the decisions that arrived meanwhile (a check over `seen` alone would not)."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
             batch = await self._consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 self.seen += [DECISIONS.decode(r.value) for r in records]
