@@ -53,6 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     broker_session_timeout_s: float = 6.0
     broker_heartbeat_interval_s: float = 1.0
     stream_buffer_maxsize: int = 4096
+    # How long a worker's fetch waits on an empty partition. Faust hard-codes 1,500 ms, and
+    # Tansu answers a waiting fetch only when that wait expires (not when records arrive),
+    # so the wait is the latency floor of every agent there (streams/kafka.py).
+    broker_fetch_max_wait_ms: int = 10
 
     jwt_secret: str = DEV_JWT_SECRET
     access_token_ttl_s: int = 900
@@ -137,6 +141,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("FINTIDE_JWT_SECRET must be set in prod")
     if len(settings.jwt_secret) < 32:
         raise ValueError("FINTIDE_JWT_SECRET must be at least 32 characters")
+    if not 1 <= settings.broker_fetch_max_wait_ms <= 60_000:
+        raise ValueError("FINTIDE_BROKER_FETCH_MAX_WAIT_MS must be 1..60000")
     _check_payments(settings)
 
 

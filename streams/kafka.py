@@ -11,6 +11,12 @@ worker, a moved partition, a lost data dir) silently missed the tail of the last
 `corrected_end_offsets` takes the larger of the two answers, so on Apache Kafka, where they
 agree, nothing changes. `Transport` is Faust's aiokafka transport with that correction in
 the consumer's `highwaters()`, which is what table recovery calls.
+
+Tansu also answers a waiting Fetch only when its wait expires, not when records arrive, so
+Faust's hard-coded `fetch_max_wait_ms=1500` made 1.5 s the latency of every record that
+reached an idle consumer. The worker consumer here waits `broker_fetch_max_wait_ms`
+(10 ms by default); on Apache Kafka, which answers as soon as data arrives, it only sets
+how often an idle consumer polls.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ from faust.types import TP
 # broker still returns the first batch whole), and at most this much in total.
 HIGHWATER_FETCH_WAIT_MS = 10
 HIGHWATER_FETCH_MAX_BYTES = 1024 * 1024
+# What faust.transport.drivers.aiokafka passes to the worker consumer.
+FAUST_FETCH_MAX_WAIT_MS = 1500
+
+
+def fetch_max_wait_ms(app: Any) -> int:
+    """The worker consumer's fetch wait: FINTIDE_BROKER_FETCH_MAX_WAIT_MS (a FintideApp's
+    settings), else Faust's own 1,500 ms."""
+    settings = getattr(app, "settings", None)
+    return settings.broker_fetch_max_wait_ms if settings is not None else FAUST_FETCH_MAX_WAIT_MS
 
 
 async def fetch_highwaters(client: AIOKafkaClient, starts: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
@@ -59,6 +74,14 @@ async def corrected_end_offsets(client: AIOKafkaClient, listed: Mapping[Any, int
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust passes fetch_max_wait_ms=1500 with no setting to change it, and Tansu answers
+        # a waiting fetch only when the wait expires: records arriving meanwhile wait for it.
+        # AIOKafkaConsumer hands this attribute to its Fetcher in start(), which runs later.
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms(self.app)
+        return consumer
+
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
         listed = await super()._highwaters(partitions)
         if self.consumer.in_transaction:
