@@ -10,7 +10,9 @@
    bar of the batch, with no Python per tick or per bar;
 3. emit closed bars to `market.bars` (one BarBatch), signals and outcomes to
    `market.signals`, hand the live updates to the Redis fan-out (bounded, never blocks);
-4. write back the rows the batch touched to the RocksDB tables (tables/market.py).
+4. write back to the RocksDB tables (tables/market.py): one partition row per batch (watermark,
+   models, the hot states of symbols that changed), plus the own rows of symbols whose bars
+   closed and their stream rows.
 
 Why one message at a time rather than `stream.take(N, within=T)`: Faust stores a table
 write in the partition of the *current* message; a take() buffer mixes partitions, so its
@@ -96,6 +98,7 @@ from streams.market import (
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
 from tables.market import (
+    MAX_HOT_SYMBOLS,
     MAX_SOURCES,
     LastSignal,
     MarketTables,
@@ -103,6 +106,7 @@ from tables.market import (
     StreamState,
     SymbolState,
     install_views,
+    latest_symbol,
     partition_anchor_key,
     row_bytes,
     row_from_bytes,
@@ -292,6 +296,11 @@ class DictStore:
     def symbols_of_partition(self, partition: int) -> list[str]:
         return sorted(s for s in self.symbols if self._partition_for(s) == partition)
 
+    def symbol_state(self, symbol: str) -> SymbolState | None:
+        """The symbol's current state: its row, or its hot entry in the partition row."""
+        hot = (part.hot.get(symbol) for part in self.partitions.values())
+        return latest_symbol(self.symbols.get(symbol), next((h for h in hot if h is not None), None))
+
     def put_symbol(self, state: SymbolState) -> None:
         self.symbols[state.symbol] = state
 
@@ -325,6 +334,9 @@ class _Partition:
     max_event_ms: int
     rows: list[int] = field(default_factory=list)
     rows_array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # Rows whose current SymbolState lives only in the partition row (`hot`), with the
+    # state last written there (rebuilt only when the row changes).
+    hot: dict[int, SymbolState] = field(default_factory=dict)
 
 
 class MarketEngine:
@@ -334,7 +346,9 @@ class MarketEngine:
     interval k bank, rules and outcome rows. A partition's rows are loaded from the store
     on its first batch (after an assignment, so after Faust restored the tables) and
     forgotten on revocation (`release`); after each batch the touched rows are written
-    back, so the store always equals the in-memory state between batches.
+    back, so the store always equals the in-memory state between batches. A symbol's
+    state is written to the partition row (one write per batch) until one of its bars
+    closes, when its own row is written with its stream rows (tables/market.py).
     """
 
     def __init__(self, store: StateStore, config: EngineConfig | None = None) -> None:
@@ -358,6 +372,7 @@ class MarketEngine:
         self.names: list[str | None] = []
         self.partition_of_row: list[int] = []
         self.seq: list[int] = []
+        self.version: list[int] = []
         self.applied: list[dict[str, int]] = []
         self.signal_count: list[int] = []
         self.free_rows: list[int] = []
@@ -404,22 +419,28 @@ class MarketEngine:
         self.names.append(None)
         self.partition_of_row.append(-1)
         self.seq.append(0)
+        self.version.append(0)
         self.applied.append({})
         self.signal_count.append(0)
         return row
 
-    def _load_symbol(self, symbol: str, partition: int) -> int:
+    def _load_symbol(self, symbol: str, partition: int, hot: SymbolState | None = None) -> int:
         row = self._new_row()
         self.names[row] = symbol
         self.row_of[symbol] = row
         self.partition_of_row[row] = partition
-        self.partitions[partition].rows.append(row)
+        part = self.partitions[partition]
+        part.rows.append(row)
         # (Re)announced on every load: adding to the Redis symbol set is idempotent.
         self._announce.append(symbol)
-        state = self.store.get_symbol(symbol)
+        state = latest_symbol(self.store.get_symbol(symbol), hot)
+        # Kept when a stored state is reset below, so the fresh state outranks the stale one.
+        self.version[row] = state.version if state is not None else 0
         if state is not None:
-            part = self.partitions[partition]
             part.max_event_ms = max(part.max_event_ms, state.partition_max_ms)
+            if hot is not None and state is hot:
+                # Its own row is older: the state must stay in the partition row until written.
+                part.hot[row] = hot
         try:
             self._restore_symbol(row, state)
             for k, name in enumerate(self.interval_names):
@@ -467,6 +488,7 @@ class MarketEngine:
         stored = self.store.get_partition(partition)
         block[:] = 0.0
         max_event = NO_TIME
+        hot = stored.hot if stored is not None else {}
         if stored is not None:
             try:
                 block[:] = row_from_bytes(stored.models, block.size, "models").reshape(block.shape)
@@ -476,11 +498,11 @@ class MarketEngine:
                 STATE_RESETS.inc()
         part = _Partition(slot=slot, max_event_ms=max_event)
         self.partitions[partition] = part
-        # Every symbol the partition has ever seen: quiet ones still need their bars flushed,
-        # and together they carry the partition's latest event time (partition_max_ms).
-        for symbol in self.store.symbols_of_partition(partition):
+        # Every symbol the partition has ever seen (in its own row or only in the partition
+        # row): quiet ones still need their bars flushed.
+        for symbol in sorted({*self.store.symbols_of_partition(partition), *hot}):
             if symbol not in self.row_of:
-                self._load_symbol(symbol, partition)
+                self._load_symbol(symbol, partition, hot.get(symbol))
         return part
 
     def release(self, partitions: Iterable[int]) -> None:
@@ -707,9 +729,20 @@ class MarketEngine:
             while len(marks) > MAX_SOURCES:
                 del marks[next(iter(marks))]
         b_sym, b_stream = self._b[0][:nb], self._b[5][:nb]
-        symbol_rows = set(applied_rows.tolist()) | set(np.unique(b_sym).tolist())
-        # Updates bumped seq for symbols that only had outcomes or signals: covered by b_sym.
-        for row in sorted(symbol_rows):
+        # Rows with a closed bar (ticks or a watermark flush; signals and outcomes, which
+        # bump seq, come from bars too) get their own row written with their stream rows.
+        closed = set(np.unique(b_sym).tolist())
+        changed = set(applied_rows.tolist()) | closed
+        for row in changed:
+            self.version[row] += 1
+        for row in closed:
+            part.hot.pop(row, None)
+        for row in changed - closed:
+            part.hot[row] = self._symbol_state(row, partition)
+        if len(part.hot) > MAX_HOT_SYMBOLS:
+            closed |= part.hot.keys()
+            part.hot.clear()
+        for row in sorted(closed):
             self.store.put_symbol(self._symbol_state(row, partition))
         for stream in np.unique(b_stream).tolist():
             self.store.put_stream(self._stream_state(stream))
@@ -717,21 +750,18 @@ class MarketEngine:
             row = self.row_of[s.symbol]
             self.signal_count[row] += 1
             self.store.put_last_signal(LastSignal(symbol=s.symbol, signal=s, count=self.signal_count[row]))
-        # The models change only when an outcome at the training horizon resolved; the
-        # partition's event time travels with every symbol state (partition_max_ms), so the
-        # partition row is written only then: one table write less per batch.
-        o_i = self._out[0]
-        if np.any(o_i[: int(out[2]), 3] == self.config.train_horizon):
-            block = self.models.state[part.slot * N_STRATEGIES:(part.slot + 1) * N_STRATEGIES]
-            self.store.put_partition(PartitionState(partition=partition, max_event_ms=part.max_event_ms,
-                                                    models=row_bytes(block)))
+        # One write per batch carries the watermark, the models and every hot symbol state.
+        block = self.models.state[part.slot * N_STRATEGIES:(part.slot + 1) * N_STRATEGIES]
+        hot = sorted((state.symbol, state) for state in part.hot.values())
+        self.store.put_partition(PartitionState(partition=partition, max_event_ms=part.max_event_ms,
+                                                models=row_bytes(block), hot=dict(hot)))
 
     def _symbol_state(self, row: int, partition: int) -> SymbolState:
         name = self.names[row]
         assert name is not None
         return SymbolState(symbol=name, partition=partition, bars=row_bytes(self.bars.state[row]), seq=self.seq[row],
                            applied=dict(self.applied[row]),
-                           partition_max_ms=int(self.partitions[partition].max_event_ms))
+                           partition_max_ms=int(self.partitions[partition].max_event_ms), version=self.version[row])
 
     def _stream_state(self, stream: int) -> StreamState:
         symbol, interval, _ = self._stream_name(stream)

@@ -7,10 +7,17 @@ written only by the tick agent while it processes a tick batch of that partition
 
 | table | key | value | written when |
 |---|---|---|---|
-| `market.symbols` | symbol | `SymbolState`: open bars row, fan-out sequence, dedupe marks | the symbol has ticks in the batch |
+| `market.symbols` | symbol | `SymbolState`: open bars row, fan-out sequence, dedupe marks | a bar of the symbol closed, or the partition row's hot set overflowed |
 | `market.stream_1s` ... `market.stream_1h` | symbol | `StreamState`: bank, rules, pending outcomes, performance rows | a bar of that interval closed |
 | `market.last_signal` | symbol | `LastSignal` | the symbol fired a signal |
-| `market.partitions` | the partition's anchor key | `PartitionState`: confidence models | a batch trained the models |
+| `market.partitions` | the partition's anchor key | `PartitionState`: watermark, confidence models, hot symbol states | every batch |
+
+A Faust table write costs ~100 us (serialisation, changelog record, RocksDB puts), so a
+batch writes one partition row rather than one row per symbol it touched: the
+`SymbolState`s that changed since their own row was last written ride in the partition
+row (`hot`), and a symbol's own row is written when one of its bars closes (its stream
+rows are written then anyway) or when more than `MAX_HOT_SYMBOLS` are hot. A symbol's
+current state is the newer (`version`) of its row and its hot entry (`latest_symbol`).
 
 Partition state needs a key that Faust's router sends to that partition: the anchor key
 of partition p is the first of `~p<p>-0`, `~p<p>-1`, ... that murmur2 hashes to p
@@ -26,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
+import msgspec
 import numpy as np
 from faust.web import Request, Response, View
 
@@ -49,6 +57,9 @@ STREAM_TABLES = {name: f"market.stream_{name}" for name in INTERVALS_MS}
 MAX_SOURCES = 8
 ROW_DTYPE = np.dtype("<f8")
 MAX_ANCHOR_TRIES = 1_000_000
+# Hot symbol states a partition row holds at most; past it every hot symbol is written to
+# its own row (bounds the partition row's size when a partition has many active symbols).
+MAX_HOT_SYMBOLS = 64
 
 
 class SymbolState(State):
@@ -62,10 +73,12 @@ class SymbolState(State):
     seq: int
     # feed source -> last applied TickBatch.seq: a re-delivered batch is skipped.
     applied: dict[str, int]
-    # The partition's highest tick event time when this row was written. The partition's
-    # watermark is the maximum over its symbols: every batch writes its symbols, so the
-    # partition row itself need only be written when its models change.
+    # The partition's highest tick event time when this row was written (the partition row
+    # carries it too; restore takes the maximum).
     partition_max_ms: int
+    # Batches that changed this state: the newer of a symbol's row and its hot entry in the
+    # partition row wins on restore, whichever of the two writes reached the changelog.
+    version: int = 0
 
 
 class StreamState(State):
@@ -88,14 +101,23 @@ class LastSignal(State):
 
 
 class PartitionState(State):
-    """Written when the partition's confidence models learn (see SymbolState.partition_max_ms)."""
+    """Written by every batch of the partition: one table write instead of one per symbol."""
 
     partition: int
-    # Highest tick event time seen on the partition when the models last changed (the
-    # flush watermark, that time minus the allowed lateness, uses the live value).
+    # Highest tick event time seen on the partition (the flush watermark is this minus the
+    # allowed lateness).
     max_event_ms: int
     # ConfidenceModel rows of the partition, one per strategy (STRATEGIES order).
     models: bytes
+    # Symbols whose latest state is here, not (yet) in market.symbols, in name order.
+    hot: dict[str, SymbolState] = msgspec.field(default_factory=dict)
+
+
+def latest_symbol(row: SymbolState | None, hot: SymbolState | None) -> SymbolState | None:
+    """A symbol's current state: its hot entry unless its own row is newer."""
+    if hot is None or (row is not None and row.version > hot.version):
+        return row
+    return hot
 
 
 def row_bytes(row: np.ndarray) -> bytes:
@@ -140,13 +162,30 @@ class MarketTables:
 def install_views(app: FintideApp, tables: MarketTables, bank: IndicatorBank, horizons: tuple[int, ...]) -> None:
     """Routed JSON views of every market table (see the module docstring)."""
     intervals = list(INTERVALS_MS)
-    routed_table_view(app, tables.symbols, "/market/symbols/{key}",
-                      render=functools.partial(render_symbol, intervals=intervals))
+    _symbol_view(app, tables, functools.partial(render_symbol, intervals=intervals))
     for name, table in tables.streams.items():
         routed_table_view(app, table, f"/market/streams/{name}/{{key}}",
                           render=functools.partial(render_stream, bank=bank, horizons=horizons))
     routed_table_view(app, tables.last_signal, "/market/last_signal/{key}")
     _partition_view(app, tables.partitions, render_partition)
+
+
+def _symbol_view(app: FintideApp, tables: MarketTables, render: Callable[[Any], Any]) -> None:
+    """`/market/symbols/{symbol}`: the symbol's current state (its row or its hot entry),
+    routed to the worker owning the symbol's partition (which holds both)."""
+    n_partitions = TICKS.partition_count(app.settings)
+
+    @app.table_route(table=tables.symbols, match_info="key")
+    async def get(view: View, request: Request, key: str) -> Response:
+        anchor = partition_anchor_key(partition_for_symbol(key, n_partitions), n_partitions)
+        partition = tables.partitions.get(anchor)
+        value = latest_symbol(tables.symbols.get(key), partition.hot.get(key) if partition is not None else None)
+        if value is None:
+            raise view.NotFound("key not found", key=key, table=tables.symbols.name)
+        return view.json(render(value))
+
+    view_class = type("MarketSymbolView", (View,), {"get": get})
+    app.page("/market/symbols/{key}", name=f"table-key:{tables.symbols.name}")(view_class)
 
 
 def _partition_view(app: FintideApp, table: faust.Table, render: Callable[[Any], Any]) -> None:
@@ -180,7 +219,7 @@ def render_symbol(state: SymbolState, *, intervals: list[str]) -> dict[str, Any]
                                "low": row[base + 3], "close": row[base + 4], "volume": row[base + 5],
                                "n_ticks": int(row[base + 6])}
     return {"symbol": state.symbol, "partition": state.partition, "seq": state.seq, "applied": state.applied,
-            "partition_max_ms": state.partition_max_ms, "ticks_accepted": int(row[ACCEPTED]), "ticks_late": int(row[LATE]), "open_bars": open_bars}
+            "partition_max_ms": state.partition_max_ms, "version": state.version, "ticks_accepted": int(row[ACCEPTED]), "ticks_late": int(row[LATE]), "open_bars": open_bars}
 
 
 def render_stream(state: StreamState, *, bank: IndicatorBank, horizons: tuple[int, ...]) -> dict[str, Any]:
@@ -200,7 +239,7 @@ def render_stream(state: StreamState, *, bank: IndicatorBank, horizons: tuple[in
 
 def render_partition(state: PartitionState) -> dict[str, Any]:
     models = np.frombuffer(state.models, dtype=ROW_DTYPE).reshape(N_STRATEGIES, MODEL_WIDTH)
-    return {"partition": state.partition, "max_event_ms": state.max_event_ms,
+    return {"partition": state.partition, "max_event_ms": state.max_event_ms, "hot_symbols": sorted(state.hot),
             "models": {name: {"steps": int(models[s, STEPS]),
                               "weights": dict(zip(MODEL_FEATURES, models[s, WEIGHTS:WEIGHTS + len(MODEL_FEATURES)].tolist(),
                                                   strict=True)),

@@ -325,7 +325,7 @@ async def test_websocket_subscribe_snapshot_updates_heartbeat_errors_unsubscribe
                        "subscriptions": {s: ["bars", "indicators", "signals"] for s in ("APIAAA", "APIBBB")}}
         snapshots = {m["symbol"]: m for m in [await recv(ws), await recv(ws)]}
         for symbol, snap in snapshots.items():
-            assert snap["type"] == "snapshot" and snap["seq"] == market.store.symbols[symbol].seq
+            assert snap["type"] == "snapshot" and snap["seq"] == market.store.symbol_state(symbol).seq  # type: ignore[union-attr]
             assert snap["bars"]["1s"][-1] == msgspec.to_builtins(market.bars(symbol, "1s")[-1])
             last = [s for s in market.signals if s.symbol == symbol]
             assert snap["signal"] == (msgspec.to_builtins(live.SignalView.of(last[-1])) if last else None)
@@ -348,7 +348,7 @@ async def test_websocket_subscribe_snapshot_updates_heartbeat_errors_unsubscribe
         beat = await recv(ws, skip_heartbeats=False)
         while beat["type"] != "heartbeat":
             beat = await recv(ws, skip_heartbeats=False)
-        assert beat["seq"] == {s: market.store.symbols[s].seq for s in snapshots}
+        assert beat["seq"] == {s: market.store.symbol_state(s).seq for s in snapshots}  # type: ignore[union-attr]
         # Unsubscribe: acked with the remaining list, and nothing of APIAAA follows.
         await ws.send(json.dumps({"op": "unsubscribe", "symbols": ["APIAAA"]}))
         ack = await recv(ws)

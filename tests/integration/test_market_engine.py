@@ -17,6 +17,7 @@ from indicators.confidence import ConfidenceModel
 from indicators.outcomes import EXITS, OutcomeTracker
 from indicators.signals import N_STRATEGIES, STRATEGIES, FeatureMap, SignalRules
 from streams.market import INTERVALS_MS, TickBatch, interval_name, tick_batch
+from tables.market import MAX_HOT_SYMBOLS
 from tests.integration.test_market_support import simulate
 
 SYMBOLS = ("AAPL", "BTCUSD", "ETHUSD", "EURUSD", "MSFT", "NVDA")
@@ -100,6 +101,8 @@ def test_release_reload_and_a_fresh_engine_continue_exactly() -> None:
     store = DictStore(N_PARTITIONS)
     engine = MarketEngine(store)
     first = _run(engine, ticks.batches[:half])
+    # Mid-bar symbols are restored from the partition rows' hot states, not their own rows.
+    assert any(state.hot for state in store.partitions.values())
     engine.release(range(N_PARTITIONS))  # every partition revoked ...
     middle = _run(engine, ticks.batches[half:half + 50])  # ... and reassigned: reloaded from the store
     fresh = MarketEngine(store)  # a restart: nothing in memory
@@ -145,3 +148,43 @@ def test_a_redelivered_batch_changes_nothing() -> None:
     assert all(not r.bars and not r.signals and not r.fanout.updates and r.ticks == 0 for r in again)
     assert sum(r.skipped_ticks for r in again) == sum(b.count for b in ticks.batches[-30:])
     assert (store.symbols, store.streams, store.partitions) == before
+
+
+def _one_tick_each(seq: int, symbols: list[str], ts_ms: int) -> TickBatch:
+    n = len(symbols)
+    return tick_batch(partition=0, source="t", seq=seq, symbols=symbols, sym=np.arange(n, dtype=np.int32),
+                      ts_ms=np.full(n, ts_ms, np.int64), price=np.full(n, 10.0), size=np.ones(n))
+
+
+def test_symbol_states_ride_in_the_partition_row_until_a_bar_closes_or_too_many_are_hot() -> None:
+    store = DictStore(1)
+    engine = MarketEngine(store, EngineConfig(intervals_ms=(1_000,)))
+    _run(engine, [_one_tick_each(0, ["A", "B"], 10_100)])
+    assert store.symbols == {} and sorted(store.partitions[0].hot) == ["A", "B"]
+    _run(engine, [_one_tick_each(1, ["A"], 11_100)])  # A's 10 s bar closes: A gets its own row
+    assert list(store.symbols) == ["A"] and list(store.partitions[0].hot) == ["B"]
+    assert store.symbol_state("A").applied == {"t": 1} and store.symbol_state("B").applied == {"t": 0}  # type: ignore[union-attr]
+    many = [f"S{i:03d}" for i in range(MAX_HOT_SYMBOLS)]
+    _run(engine, [_one_tick_each(2, many, 11_200)])  # B and 64 more hot: every one is written out
+    assert store.partitions[0].hot == {} and set(store.symbols) == {"A", "B", *many}
+    fresh = MarketEngine(store, EngineConfig(intervals_ms=(1_000,)))
+    again = _run(fresh, [_one_tick_each(3, ["A", "B"], 12_100)])
+    assert {(b.symbol, b.open_ts_ms) for r in again for batch in r.bars for b in batch.rows()} == \
+        {("A", 11_000), ("B", 10_000)}
+
+
+def test_the_newer_of_a_symbols_row_and_its_hot_entry_wins_on_restore() -> None:
+    """A symbol's own row was written but the partition row of that batch was lost (or the
+    other way round): the version decides, so a stale copy never overwrites newer state."""
+    config = EngineConfig(intervals_ms=(1_000,))
+    batches = [_one_tick_each(0, ["A"], 10_100), _one_tick_each(1, ["A"], 11_100), _one_tick_each(2, ["A"], 12_100)]
+    straight = _run(MarketEngine(DictStore(1), config), batches)
+    store = DictStore(1)
+    engine = MarketEngine(store, config)
+    _run(engine, batches[:1])
+    stale_partition = store.partitions[0]  # A is hot here, version 1
+    _run(engine, batches[1:2])  # A's bar closed: its own row, version 2; the partition row without A
+    store.partitions[0] = stale_partition  # ... had that partition row been lost
+    assert store.symbol_state("A") == store.symbols["A"] and store.symbols["A"].version == 2
+    rest = _run(MarketEngine(store, config), batches[2:])
+    assert [b.rows() for r in rest for b in r.bars] == [b.rows() for r in straight[2:] for b in r.bars]

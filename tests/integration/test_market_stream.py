@@ -134,7 +134,7 @@ async def _check_views(worker: MarketWorker, ref: Any, settings: Settings) -> No
 async def _check_redelivery_is_a_no_op(worker: MarketWorker, ticks: Ticks, replayed: list[Any], marker: Ticks,
                                        settings: Settings) -> None:
     """Batches delivered twice (an at-least-once replay) change nothing and emit nothing."""
-    key = f"{worker.url}/table/market.symbols/{ticks.batches[-1].symbols[0]}/"
+    key = f"{worker.url}/market/symbols/{ticks.batches[-1].symbols[0]}"
     before = await get_json(key)
     signals_before = await read_topic(settings, SIGNALS, quiet_s=1.0)
     await publish(settings, replayed)
@@ -197,7 +197,7 @@ async def _check_redis(settings: Settings, ref: Any) -> None:
         snap = await live.snapshot(redis, last.symbol)
         assert snap.signal is not None
         assert snap.signal.signal_id == [s for s in ref.signals if s.symbol == last.symbol][-1].signal_id
-        assert snap.seq == ref.store.symbols[last.symbol].seq
+        assert snap.seq == ref.store.symbol_state(last.symbol).seq  # type: ignore[union-attr]
         assert snap.bars["1s"] and snap.indicators["1s"].initialized
         assert await live.cached_symbols(redis, [*SYMBOLS, "NOPE"]) == set(SYMBOLS)
     finally:
