@@ -2,7 +2,7 @@
 plain SQL double-entry baseline on the same PostgreSQL.
 
     python -m ops.bench.payments [sql|kafka|rest|all] [--payments 20000] [--wallets 1000]
-                                 [--runs 3] [--workers 1] [--fetch-wait-ms 0]
+                                 [--runs 3] [--workers 1] [--rate 0] [--trace] ...  (--help)
 
 Each run starts from fresh topics and a fresh database cloned from a migrated template,
 on this benchmark's own embedded servers (Tansu, PostgreSQL 18, Redis 6.2, fsync on,
@@ -14,24 +14,37 @@ sql: the baseline. Per payment one transaction, as a plain OLTP service would wr
   (account_seq and running balance from the locked rows), update both balances; 32
   concurrent connections. Payments/s and p50/p99 commit latency.
 
+steps: the saga's three PostgreSQL transactions alone, in this process, no Kafka, no
+  worker: initiate_payments, settle_risk (capture), complete_payments, --batch payments per
+  transaction, one after another; and post_batch (the bare double-entry transfer) on the
+  same pairs. The ceiling of the database part of the saga on this machine.
+
 kafka: a client publishes `payment.requested` events to `payments.events`, batched per
-  partition as a batching client would, all at once; --workers saga workers
-  (`agents.payments` + `agents.fraud_passthrough`) run the whole saga: reserve, score
-  request, decision, capture (double entry), completion, every step a batch, every batch
-  one transaction. Completed/s = payments / (last `completed` step - first publish);
-  latency = the `completed` step's time (recorded in PostgreSQL) - the request's publish
-  time, per payment: under a backlog of all of them, so it mostly measures the queue.
+  partition as a batching client would; --workers saga workers (`agents.payments` +
+  `agents.fraud_passthrough`) run the whole saga: reserve, score request, decision,
+  capture (double entry), completion, every step a batch, every batch one transaction.
+  Without --rate all payments go at once (a burst: the throughput figure; latency is then
+  mostly time in the queue). With --rate R the client publishes R payments/s in ticks of
+  100 ms and each payment is timed from its tick (the latency figure at a load the
+  pipeline sustains). Completed/s = payments / (last `completed` - first publish).
 
 rest: an API process (`fintide api`: uvicorn, JWT auth, rate limits, Idempotency-Key,
-  group commit of concurrent requests) and the saga workers; 64 HTTP connections POST
+  group commit of concurrent requests) and the saga workers; --rest-connections (64) POST
   /api/v1/payments between the wallets of max(20, n/500) users (no user reaches the
   600/min rate limit). Accepted/s (202s per second), completed/s and POST -> completed
   latency as above (latency from each POST).
 
---fetch-wait-ms: the workers' consumers wait at most this long per fetch. The embedded
-  broker (Tansu) does not answer a waiting fetch when data arrives, so with Faust's
-  built-in 1,500 ms (0 here: the platform as configured today) every idle hop of the saga
-  costs up to 1.5 s; 5 shows what a platform setting would give (docs/benchmarks/payments.md).
+Latency ends at the `completed` step's time, stamped by the worker in the transaction that
+records it (just before its commit; PostgreSQL and this client share the machine's clock).
+
+Every saga run also reports, between the first request and the last completion: CPU
+milliseconds per payment of each process group (workers, api, postgres, kafka, redis,
+this client), how many of the 2 cores the pipeline used and how many other processes
+took meanwhile (the machine is shared), and the Kafka messages per payment of each topic
+(changelogs included). --trace adds the wall time of the saga's steps inside worker-1
+(batches, PostgreSQL transactions, relay, publishes). --fetch-wait-ms and --batch-wait-ms
+override the workers' FINTIDE_BROKER_FETCH_MAX_WAIT_MS and FINTIDE_PAYMENTS_BATCH_WAIT_MS
+(0: the platform defaults, 10 ms each).
 
 Figures are medians over --runs runs. Every process shares this machine's cores.
 """
@@ -60,6 +73,7 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
+import psutil
 
 from db import payments as db
 from db.engine import create_pool
@@ -87,6 +101,7 @@ REST_CONNECTIONS = 64
 REQUESTS_PER_USER = 500
 REST_MIN_USERS = 20
 FUNDS_MINOR = 10**12
+TICK_S = 0.1  # --rate: the client publishes every TICK_S
 
 
 # ------------------------------------------------------------------------------- servers
@@ -99,14 +114,19 @@ class Bench:
         self.stack = stack
         self.admin_url = stack.database_url
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> dict[str, str]:
+        """The template database; returns the durability settings every run uses."""
         admin = await asyncpg.connect(self.admin_url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
             await admin.execute(f'CREATE DATABASE "{TEMPLATE}"')
+            durability = {name: await admin.fetchval(f"SHOW {name}") for name in
+                          ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "server_version")}
         finally:
             await admin.close()
+        assert durability["fsync"] == "on" and durability["synchronous_commit"] == "on", durability
         await migrate_all(self._url(TEMPLATE))
+        return durability
 
     def _url(self, name: str) -> str:
         return self.admin_url.rsplit("/", 1)[0] + "/" + name
@@ -133,14 +153,21 @@ class Bench:
         self.stack.stop()
 
 
-def _env(settings: Settings, worker_id: str = "worker-1", fetch_wait_ms: int = 0) -> dict[str, str]:
+def _env(settings: Settings, worker_id: str = "worker-1", fetch_wait_ms: int = 0, trace: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
     for name in ("env", "log_level", "kafka_bootstrap", "database_url", "redis_url", "data_dir", "topic_prefix",
                  "app_id", "topic_partitions", "fraud_budget_ms", "api_port"):
         env[f"FINTIDE_{name.upper()}"] = str(getattr(settings, name))
-    env.update({"FINTIDE_WORKER_ID": worker_id, "FINTIDE_WORKER_WEB_PORT": "0",
-                "FINTIDE_BENCH_FETCH_WAIT_MS": str(fetch_wait_ms)})
+    env.update({"FINTIDE_WORKER_ID": worker_id, "FINTIDE_WORKER_WEB_PORT": "0"})
+    if fetch_wait_ms > 0:
+        env["FINTIDE_BROKER_FETCH_MAX_WAIT_MS"] = str(fetch_wait_ms)
+    if trace:
+        env["FINTIDE_BENCH_TRACE"] = str(trace_path(settings, worker_id))
     return env
+
+
+def trace_path(settings: Settings, worker_id: str) -> Path:
+    return Path(settings.data_dir) / f"{worker_id}.trace.json"
 
 
 def _spawn(settings: Settings, argv: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -149,10 +176,15 @@ def _spawn(settings: Settings, argv: list[str], name: str, env: dict[str, str]) 
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def start_workers(settings: Settings, n: int, fetch_wait_ms: int) -> list[subprocess.Popen[bytes]]:
-    return [_spawn(settings, ["-m", "ops.bench.payments", "_worker", "--agents",
-                              "agents.payments,agents.fraud_passthrough"], f"worker-{i}",
-                   _env(settings, f"worker-{i}", fetch_wait_ms)) for i in range(1, n + 1)]
+def start_workers(settings: Settings, opts: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(1, opts.workers + 1):
+        env = _env(settings, f"worker-{i}", opts.fetch_wait_ms, opts.trace)
+        if opts.batch_wait_ms:
+            env["FINTIDE_PAYMENTS_BATCH_WAIT_MS"] = str(opts.batch_wait_ms)
+        procs.append(_spawn(settings, ["-m", "ops.bench.payments", "_worker", "--agents",
+                                       "agents.payments,agents.fraud_passthrough"], f"worker-{i}", env))
+    return procs
 
 
 def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -165,6 +197,96 @@ def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+# ------------------------------------------------------------------------- CPU accounting
+
+class Meter:
+    """CPU seconds spent by each of the benchmark's processes (and their children) between
+    start() and stop(), and by the whole machine: how much of the two cores the pipeline
+    used and how much other processes (other engineers' runs) took meanwhile."""
+
+    def __init__(self, groups: dict[str, list[int]], trace_path: Path | None = None) -> None:
+        self.groups = groups
+        self.trace_path = trace_path
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            proc = psutil.Process(pid)
+            t = proc.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in proc.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return 0.0
+
+    def _snapshot(self) -> dict[str, Any]:
+        machine = psutil.cpu_times()
+        trace: dict[str, Any] = {}
+        if self.trace_path is not None and self.trace_path.exists():
+            trace = json.loads(self.trace_path.read_text())
+        groups = {g: sum(self._cpu(p) for p in pids) for g, pids in self.groups.items()}
+        me = os.times()
+        groups["client"] = me.user + me.system  # this process only (its children are counted above)
+        return {"at": time.perf_counter(), "groups": groups,
+                "busy": machine.user + machine.nice + machine.system + machine.irq + machine.softirq + machine.steal,
+                "trace": trace}
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+
+    def stop(self, n: int) -> dict[str, Any]:
+        end = self._snapshot()
+        wall = end["at"] - self._start["at"]
+        ours = {g: end["groups"][g] - self._start["groups"][g] for g in end["groups"]}
+        busy = end["busy"] - self._start["busy"]
+        out: dict[str, Any] = {
+            "wall_s": round(wall, 2),
+            "cpu_ms_per_payment": {g: round(v * 1000 / n, 3) for g, v in ours.items()},
+            "cores_used": {"pipeline": round(sum(ours.values()) / wall, 2),
+                           "others": round(max(0.0, busy - sum(ours.values())) / wall, 2)},
+        }
+        if self.trace_path is not None:
+            time.sleep(1.2)  # the worker writes its trace every second
+            end["trace"] = json.loads(self.trace_path.read_text()) if self.trace_path.exists() else {}
+            before = self._start["trace"]
+            out["worker_wall_s"] = {
+                k: {"calls": v["calls"] - before.get(k, {}).get("calls", 0),
+                    "items": v["items"] - before.get(k, {}).get("items", 0),
+                    "seconds": round(v["seconds"] - before.get(k, {}).get("seconds", 0.0), 2)}
+                for k, v in sorted(end["trace"].items())}
+        return out
+
+
+async def messages_per_topic(settings: Settings) -> dict[str, int]:
+    """Kafka messages each of the run's topics holds (end offsets; changelogs included)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.topics import bootstrap_servers
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        names = [t for t in await consumer.topics() if t.startswith((settings.topic_prefix, settings.app_id))]
+        partitions = [TopicPartition(t, p) for t in names for p in consumer.partitions_for_topic(t) or ()]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+    finally:
+        await consumer.stop()
+    out: dict[str, int] = {}
+    for tp, end in ends.items():
+        name = tp.topic.removeprefix(settings.topic_prefix).removeprefix(settings.app_id + "-")
+        out[name] = out.get(name, 0) + end
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def stack_pids(stack: EmbeddedStack) -> dict[str, list[int]]:
+    return {s.name: [s.proc.pid] for s in stack.servers if s.proc is not None}
 
 
 # --------------------------------------------------------------------------------- money
@@ -260,6 +382,53 @@ async def sql_run(bench: Bench, n: int, n_wallets: int, seed: int) -> dict[str, 
             "latency_p99_ms": round(_pct(latencies, 99), 1)}
 
 
+async def steps_run(bench: Bench, n: int, n_wallets: int, batch: int, seed: int) -> dict[str, Any]:
+    """The saga's PostgreSQL steps alone, in this process, no Kafka: initiate_payments,
+    settle_risk (capture), complete_payments, `batch` payments per transaction, one after
+    another; and post_batch (the bare double-entry transfer) on the same pairs. The
+    ceiling of the database part of the saga on this machine. python_cpu_ms_per_payment is
+    this process's CPU over all four, post_batch included."""
+    url = await bench.fresh_database()
+    pool = await create_pool(url, min_size=1, max_size=2)
+    try:
+        wallets = await fund_wallets(pool, n_wallets)
+        todo = pairs(n_wallets, n, seed)
+        spent = {"initiate": 0.0, "settle": 0.0, "complete": 0.0, "post_batch": 0.0}
+        cpu_before = os.times()
+        async with pool.acquire() as conn:
+            for start in range(0, n, batch):
+                chunk = todo[start:start + batch]
+                asks = [payments.PaymentRequest(
+                    payment_id=uuid.uuid4(), payer_id=wallets[a].owner_id or uuid.uuid4(), from_account_id=wallets[a].id,
+                    to_account_id=wallets[b].id, amount_minor=amount, currency="INR",
+                    context=payments.PaymentContext(f"d{a}", "", "IN")) for a, b, amount in chunk]
+                t0 = time.perf_counter()
+                started = await payments.initiate_payments(conn, asks)
+                t1 = time.perf_counter()
+                settled = await payments.settle_risk(conn, [payments.RiskOutcome(
+                    payment_id=r.payment_id, expect="funds_reserved", action="capture", detail="bench") for r in asks])
+                t2 = time.perf_counter()
+                completed = await payments.complete_payments(conn, [r.payment_id for r in asks])
+                t3 = time.perf_counter()
+                posted = await payments.post_batch(conn, [payments.TransferRequest(
+                    id=uuid.uuid4(), from_account_id=wallets[a].id, to_account_id=wallets[b].id, amount_minor=amount,
+                    currency="INR") for a, b, amount in chunk])
+                t4 = time.perf_counter()
+                assert all(r.status == "funds_reserved" for r in started) and all(r.applied for r in settled)
+                assert len(completed) == len(chunk) and all(r.status == "posted" for r in posted), "a step refused"
+                for name, took in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    spent[name] += took
+            cpu = os.times()
+            assert await payments.find_differences(conn) == [], "the steps broke the ledger"
+    finally:
+        await pool.close()
+    saga_s = spent["initiate"] + spent["settle"] + spent["complete"]
+    return {"payments": n, "batch": batch, "completed_per_s": round(n / saga_s),
+            **{f"{k}_per_s": round(n / v) for k, v in spent.items()},
+            "python_cpu_ms_per_payment": round(((cpu.user + cpu.system) - (cpu_before.user + cpu_before.system))
+                                               * 1000 / n, 3)}
+
+
 # ------------------------------------------------------------------------------- the saga
 
 async def wait_ready(settings: Settings, procs: Sequence[subprocess.Popen[bytes]], probe_wallets: list[Account]) -> None:
@@ -303,8 +472,7 @@ async def completed_at(settings: Settings, ids: list[uuid.UUID], procs: Sequence
     return {r["id"]: datetime.fromisoformat(r["at"]).timestamp() for r in rows}
 
 
-async def kafka_run(bench: Bench, n: int, n_wallets: int, workers: int, fetch_wait_ms: int,
-                    seed: int) -> dict[str, float]:
+async def kafka_run(bench: Bench, n: int, n_wallets: int, opts: argparse.Namespace, seed: int) -> dict[str, Any]:
     settings = bench.settings(await bench.fresh_database())
     pool = await create_pool(settings.database_url, max_size=4)
     try:
@@ -312,7 +480,9 @@ async def kafka_run(bench: Bench, n: int, n_wallets: int, workers: int, fetch_wa
     finally:
         await pool.close()
     await ensure_topics(settings)
-    procs = start_workers(settings, workers, fetch_wait_ms)
+    procs = start_workers(settings, opts)
+    meter = Meter({"workers": [p.pid for p in procs], **stack_pids(bench.stack)},
+                  trace_path(settings, "worker-1") if opts.trace else None)
     try:
         await wait_ready(settings, procs, wallets)
         requests = []
@@ -322,26 +492,41 @@ async def kafka_run(bench: Bench, n: int, n_wallets: int, workers: int, fetch_wa
             requests.append(PaymentRequested(payment_id=uuid.uuid4(), payer_user_id=payer.owner_id,
                                              payer_wallet_id=payer.id, payee_wallet_id=wallets[b].id,
                                              amount_minor=amount, currency="INR", device_id=f"d{a}", country="IN"))
-        by_partition: dict[int, list[PaymentRequested]] = {}
-        for r in requests:
-            by_partition.setdefault(partition_for_key(str(r.payer_wallet_id), settings.topic_partitions), []).append(r)
-        batches = [PaymentEventBatch(payer_wallet_id=rs[i].payer_wallet_id, events=rs[i:i + 500])
-                   for rs in by_partition.values() for i in range(0, len(rs), 500)]
-        first_sent = time.time()
+        # Burst: everything at once (throughput; latency is mostly time in the queue).
+        # Paced (--rate): a tick's worth every TICK_S, each payment timed from its tick.
+        per_tick = len(requests) if not opts.rate else max(1, round(opts.rate * TICK_S))
+        sent: dict[uuid.UUID, float] = {}
         async with EventPublisher(settings) as publisher:
-            await publisher.publish_many(PAYMENTS.name, [(None, b) for b in batches])
-        sent = dict.fromkeys((r.payment_id for r in requests), first_sent)  # one burst
+            meter.start()
+            first_sent = time.time()
+            for k, start in enumerate(range(0, len(requests), per_tick)):
+                if opts.rate:
+                    await asyncio.sleep(max(0.0, first_sent + k * TICK_S - time.time()))
+                tick = requests[start:start + per_tick]
+                at = time.time()
+                await publisher.publish_many(PAYMENTS.name, [(None, b) for b in _client_batches(tick, settings)])
+                sent.update(dict.fromkeys((r.payment_id for r in tick), at))
         done = await completed_at(settings, list(sent), procs)
+        used = meter.stop(n)
+        used["messages_per_payment"] = {t: round(m / n, 2) for t, m in (await messages_per_topic(settings)).items()}
     finally:
         stop(procs)
-    return summary(n, first_sent, list(done.values()), [(done[p] - sent[p]) * 1000 for p in done])
+    return {**summary(n, first_sent, list(done.values()), [(done[p] - sent[p]) * 1000 for p in done]), **used}
 
 
-async def rest_run(bench: Bench, n: int, n_wallets: int, workers: int, fetch_wait_ms: int,
-                   seed: int) -> dict[str, float]:
+def _client_batches(requests: list[PaymentRequested], settings: Settings) -> list[PaymentEventBatch]:
+    """Requests batched per partition (<= 500 per message), as a batching client sends them."""
+    by_partition: dict[int, list[PaymentRequested]] = {}
+    for r in requests:
+        by_partition.setdefault(partition_for_key(str(r.payer_wallet_id), settings.topic_partitions), []).append(r)
+    return [PaymentEventBatch(payer_wallet_id=rs[i].payer_wallet_id, events=rs[i:i + 500])
+            for rs in by_partition.values() for i in range(0, len(rs), 500)]
+
+
+async def rest_run(bench: Bench, n: int, opts: argparse.Namespace, seed: int) -> dict[str, Any]:
     settings = msgspec.structs.replace(bench.settings(await bench.fresh_database()), api_port=free_port())
     await ensure_topics(settings)
-    procs = start_workers(settings, workers, fetch_wait_ms)
+    procs = start_workers(settings, opts)
     # Users are registered from distinct (proxied) addresses: /auth/* allows 30 per minute
     # per address, which a benchmark registering dozens of users would otherwise hit.
     procs.append(_spawn(settings, ["-m", "ops.cli", "api"], "api",
@@ -359,28 +544,48 @@ async def rest_run(bench: Bench, n: int, n_wallets: int, workers: int, fetch_wai
             finally:
                 await pool.close()
             await wait_ready(settings, procs, accounts)
+            meter = Meter({"workers": [p.pid for p in procs[:-1]], "api": [procs[-1].pid], **stack_pids(bench.stack)},
+                          trace_path(settings, "worker-1") if opts.trace else None)
             sent: dict[uuid.UUID, float] = {}
-            in_flight = asyncio.Semaphore(REST_CONNECTIONS)
+            in_flight = asyncio.Semaphore(opts.rest_connections)
             todo = pairs(len(wallets), n, seed)
 
-            async def one(a: int, b: int, amount: int) -> None:
+            async def one(burst: httpx.AsyncClient, a: int, b: int, amount: int) -> None:
                 (source, headers), (target, _) = wallets[a], wallets[b]
+                key = {**headers, "Idempotency-Key": uuid.uuid4().hex}
+                body = {"from_wallet": str(source), "to_wallet": str(target), "amount_minor": amount, "currency": "INR"}
                 async with in_flight:
                     at = time.time()
-                    response = await client.post("/api/v1/payments", headers={**headers, "Idempotency-Key": uuid.uuid4().hex},
-                                                 json={"from_wallet": str(source), "to_wallet": str(target),
-                                                       "amount_minor": amount, "currency": "INR"})
+                    for attempt in range(5):
+                        # A client retries a dropped connection with the same key (the
+                        # Idempotency-Key makes that safe: a replay, or 409 while the first
+                        # is in flight); timed from the first attempt.
+                        try:
+                            response = await burst.post("/api/v1/payments", headers=key, json=body)
+                        except httpx.TransportError:
+                            if attempt == 4:
+                                raise
+                            continue
+                        if response.status_code != 409 or attempt == 4:
+                            break
+                        await asyncio.sleep(0.5)
                 assert response.status_code == 202, response.text
                 sent[uuid.UUID(response.json()["id"])] = at
 
+        # Fresh connections for the measured burst: the setup's keep-alive connections sat
+        # idle while the workers started, and the server may have closed them.
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(
+                max_connections=opts.rest_connections, max_keepalive_connections=opts.rest_connections)) as burst:
+            meter.start()
             first_sent = time.time()
-            await asyncio.gather(*(one(*t) for t in todo))
+            await asyncio.gather(*(one(burst, *t) for t in todo))
             accepted_s = time.time() - first_sent
         done = await completed_at(settings, list(sent), procs)
+        used = meter.stop(n)
     finally:
         stop(procs)
     return {**summary(n, first_sent, list(done.values()), [(done[p] - sent[p]) * 1000 for p in done]),
-            "accepted_per_s": round(n / accepted_s)}
+            "accepted_per_s": round(n / accepted_s), **used}
 
 
 async def _wait_api(client: httpx.AsyncClient, procs: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -437,20 +642,30 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     failed = True
     try:
-        await bench.prepare()
-        kinds = ["sql", "kafka", "rest"] if args.command == "all" else [args.command]
-        for kind in kinds:
-            runs = []
-            for i in range(args.runs):
+        out["postgres"] = await bench.prepare()
+        kinds = ["sql", "steps", "kafka", "rest"] if args.command == "all" else [args.command]
+        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+        # Interleaved (sql, kafka, rest, sql, ...): load from other processes changes over
+        # minutes, and the ratios compare runs made under similar load.
+        for i in range(args.runs):
+            for kind in kinds:
                 if kind == "sql":
-                    runs.append(await sql_run(bench, args.payments, args.wallets, seed=i))
+                    run = await sql_run(bench, min(args.payments, args.sql_payments), args.wallets, seed=i)
+                elif kind == "steps":
+                    run = await steps_run(bench, args.payments, args.wallets, args.batch, seed=i)
                 elif kind == "kafka":
-                    runs.append(await kafka_run(bench, args.payments, args.wallets, args.workers, args.fetch_wait_ms, i))
+                    run = await kafka_run(bench, args.payments, args.wallets, args, i)
                 else:
-                    runs.append(await rest_run(bench, min(args.payments, args.rest_payments), args.wallets,
-                                               args.workers, args.fetch_wait_ms, i))
-                print(kind, runs[-1], f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-            out[kind] = {"runs": runs, "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+                    run = await rest_run(bench, min(args.payments, args.rest_payments), args, i)
+                run["load_avg_1m"] = round(os.getloadavg()[0], 1)
+                runs[kind].append(run)
+                print(kind, {k: v for k, v in run.items() if not isinstance(v, dict)}, file=sys.stderr, flush=True)
+        for kind, done in runs.items():
+            out[kind] = {"runs": done, "median": {k: statistics.median(r[k] for r in done) for k, v in done[0].items()
+                                                  if isinstance(v, int | float)}}
+        if "sql" in out:
+            base = out["sql"]["median"]["completed_per_s"]
+            out["vs_sql"] = {kind: round(out[kind]["median"]["completed_per_s"] / base, 2) for kind in kinds}
         out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 1)
         failed = False
     finally:
@@ -462,19 +677,70 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# What the worker's trace times (module, attribute): the saga's PostgreSQL transactions,
+# the relay, the publishes and pushes, and each agent's whole batch.
+_TRACED = (("services.payments", "initiate_payments"), ("services.payments", "settle_risk"),
+           ("services.payments", "complete_payments"), ("db.payments", "get_payments"),
+           ("services.payments_events", "relay_outbox_once"), ("agents.payments", "send_rows"),
+           ("agents.payments", "request_scores"), ("agents.payments", "push_status"),
+           ("agents.payments", "decode_items"), ("agents.payments", "process_batch"))
+
+
+def _install_trace(path: str) -> None:
+    """Time the saga's steps inside the worker (calls, items, wall seconds per step),
+    written to `path` as JSON every second. Wall time includes waiting for PostgreSQL or
+    the broker; steps nest (process_batch holds the others)."""
+    import importlib
+
+    stats: dict[str, list[float]] = {}
+
+    def size(args: tuple[Any, ...]) -> int:
+        for a in args:
+            if isinstance(a, list | tuple) and not isinstance(a, str):
+                return len(a)
+        return 0
+
+    for module_name, attr in _TRACED:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+
+        def wrap(fn: Any, name: str) -> Any:
+            async def timed(*args: Any, **kwargs: Any) -> Any:
+                if name == "process_batch":  # (app, spec, batch, agent, work)
+                    name_ = f"batch {args[3]}"
+                    n = len(args[2])
+                else:
+                    name_, n = name, size(args)
+                start = time.perf_counter()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    s = stats.setdefault(name_, [0, 0, 0.0])
+                    s[0] += 1
+                    s[1] += n
+                    s[2] += time.perf_counter() - start
+            return timed
+
+        setattr(module, attr, wrap(original, attr))
+
+    import threading
+
+    def dump() -> None:
+        while True:
+            time.sleep(1.0)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({k: {"calls": int(v[0]), "items": int(v[1]), "seconds": round(v[2], 3)}
+                           for k, v in list(stats.items())}, f)
+            os.replace(tmp, path)
+
+    threading.Thread(target=dump, daemon=True).start()
+
+
 def _worker_main(argv: list[str]) -> None:
-    """`streams.worker` with the benchmark's consumer fetch wait (see the module docstring)."""
-    wait_ms = int(os.environ.get("FINTIDE_BENCH_FETCH_WAIT_MS", "0"))
-    if wait_ms > 0:
-        import aiokafka
-
-        original = aiokafka.AIOKafkaConsumer.__init__
-
-        def init(self: Any, *a: Any, **kw: Any) -> None:
-            kw["fetch_max_wait_ms"] = min(int(kw.get("fetch_max_wait_ms", 500)), wait_ms)
-            original(self, *a, **kw)
-
-        aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
+    """`streams.worker`, with --trace timings of the saga's steps."""
+    if os.environ.get("FINTIDE_BENCH_TRACE"):
+        _install_trace(os.environ["FINTIDE_BENCH_TRACE"])
     from streams.worker import main as worker_main
 
     worker_main(argv)
@@ -485,14 +751,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["_worker"]:
         _worker_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="python -m ops.bench.payments", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["sql", "kafka", "rest", "all"])
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.payments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["sql", "steps", "kafka", "rest", "all"])
     parser.add_argument("--payments", type=int, default=20_000)
     parser.add_argument("--rest-payments", type=int, default=5_000, help="payments per REST run (the client is slow)")
+    parser.add_argument("--sql-payments", type=int, default=5_000, help="payments per baseline run")
+    parser.add_argument("--batch", type=int, default=1_000, help="steps: payments per transaction")
+    parser.add_argument("--rest-connections", type=int, default=REST_CONNECTIONS, help="rest: concurrent HTTP clients")
+    parser.add_argument("--batch-wait-ms", type=int, default=0,
+                        help="the workers' FINTIDE_PAYMENTS_BATCH_WAIT_MS (0: the platform default)")
     parser.add_argument("--wallets", type=int, default=1_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fetch-wait-ms", type=int, default=0)
+    parser.add_argument("--trace", action="store_true", help="time the saga's steps inside worker-1")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="kafka: publish this many payments/s (paced) instead of all at once")
     args = parser.parse_args(argv)
     result = asyncio.run(_main(args))
     print(json.dumps(result, indent=2, default=str))
