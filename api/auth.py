@@ -180,12 +180,13 @@ def build_jwt_auth(settings: Settings) -> JWTAuth[AuthUser, AccessToken]:
     )
 
 
-def install(settings: Settings, limits: RateLimits | None = None) -> Callable[[AppConfig], AppConfig]:
+def install(settings: Settings) -> Callable[[AppConfig], AppConfig]:
     """An on_app_init hook: rate limits (outer) then auth, after the app's own middleware.
 
     Rate limits run before auth so floods of bad tokens are limited too (per IP).
     """
     jwt_auth = build_jwt_auth(settings)
+    limits = RateLimits.from_settings(settings)
 
     def on_app_init(config: AppConfig) -> AppConfig:
         limiter_redis = Redis.from_url(settings.redis_url)
@@ -193,6 +194,7 @@ def install(settings: Settings, limits: RateLimits | None = None) -> Callable[[A
         stores[RATE_LIMIT_STORE] = RedisStore(limiter_redis, namespace="fintide:ratelimit")
         config.stores = stores
         config.middleware.extend([c.middleware for c in rate_limit_configs(limits)])
+        config.state["rate_limits"] = limits  # WebSocket handshakes (api/ws_auth.py)
         config.middleware.append(jwt_auth.middleware)
 
         async def close_limiter_redis() -> None:

@@ -8,6 +8,11 @@ Two tiers, each its own middleware (so their Redis keys differ):
 Over the limit → 429 problem+json with Retry-After. /health, /ready and /metrics are not
 limited: probes and scrapers must never be turned away.
 
+WebSocket handshakes, which Litestar's middleware does not see (it limits HTTP scopes
+only), are limited by `limit_websocket` from the shared WS auth helper (api/ws_auth.py):
+per user once authenticated, and failed authentications per client IP at the auth tier's
+rate; the socket closes with 4429 and the seconds to wait.
+
 The client IP honours X-Forwarded-For only when the peer is a trusted proxy
 (settings.trusted_proxies: comma-separated IPs, CIDRs or exact host names).
 """
@@ -15,6 +20,7 @@ The client IP honours X-Forwarded-For only when the peer is a trusted proxy
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -25,23 +31,28 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import TooManyRequestsException
 from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from litestar.types import Receive, Scope, Send
+from redis.asyncio import Redis
 
 from api.problems import Problem
 from ops.settings import Settings
 
 RATE_LIMIT_STORE = "rate_limit"
+WS_KEY_PREFIX = "fintide:ratelimit:ws:"
+WINDOW_S = 60
 AUTH_PATH_PREFIX = "/api/v1/auth/"
 UNLIMITED_PATHS = ["^/health$", "^/ready$", "^/metrics"]
 
 
 @dataclass(frozen=True)
 class RateLimits:
-    general_per_minute: int = 600
-    auth_per_minute: int = 30
+    general_per_minute: int
+    auth_per_minute: int
+    ws_connects_per_minute: int
 
-
-# Read when an app is created; tests replace it to reach the limits quickly.
-DEFAULT_LIMITS = RateLimits()
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimits:
+        return cls(settings.rate_limit_per_minute, settings.rate_limit_auth_per_minute,
+                   settings.rate_limit_ws_per_minute)
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -142,9 +153,8 @@ class AuthRateLimit(_ProblemRateLimit):
     pass
 
 
-def rate_limit_configs(limits: RateLimits | None = None) -> list[RateLimitConfig]:
-    limits = limits or DEFAULT_LIMITS
-    assert limits.general_per_minute > 0 and limits.auth_per_minute > 0
+def rate_limit_configs(limits: RateLimits) -> list[RateLimitConfig]:
+    assert min(limits.general_per_minute, limits.auth_per_minute, limits.ws_connects_per_minute) > 0
     general = RateLimitConfig(rate_limit=("minute", limits.general_per_minute), exclude=UNLIMITED_PATHS,
                               identifier_for_request=_general_identifier, middleware_class=GeneralRateLimit,
                               store=RATE_LIMIT_STORE)
@@ -152,3 +162,13 @@ def rate_limit_configs(limits: RateLimits | None = None) -> list[RateLimitConfig
                            identifier_for_request=_auth_identifier, check_throttle_handler=_is_auth_route,
                            middleware_class=AuthRateLimit, store=RATE_LIMIT_STORE)
     return [general, auth]
+
+
+async def limit_websocket(redis: Redis, identity: str, per_minute: int) -> int:
+    """Count one handshake for `identity` in the current minute; 0 if it may go on, else
+    the seconds until the window resets (a fixed window, like the HTTP limiter's)."""
+    now = time.time()
+    key = f"{WS_KEY_PREFIX}{identity}:{int(now // WINDOW_S)}"
+    async with redis.pipeline(transaction=True) as pipe:
+        count, _ = await pipe.incr(key).expire(key, 2 * WINDOW_S).execute()
+    return 0 if count <= per_minute else max(int(WINDOW_S - now % WINDOW_S), 1)

@@ -66,6 +66,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_password: str = ""
     cors_origins: str = "*"
     trusted_proxies: str = ""
+    # Requests per minute per user (else API key, else IP); per IP on /api/v1/auth/*;
+    # WebSocket handshakes per user (api/ratelimit.py).
+    rate_limit_per_minute: int = 600
+    rate_limit_auth_per_minute: int = 30
+    rate_limit_ws_per_minute: int = 60
     gateway_webhook_secret: str = "dev-webhook-secret"
     # A Stripe-style payment gateway (services/gateway.py HttpGateway); empty: the simulator.
     gateway_url: str = ""
@@ -141,6 +146,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("FINTIDE_JWT_SECRET must be set in prod")
     if len(settings.jwt_secret) < 32:
         raise ValueError("FINTIDE_JWT_SECRET must be at least 32 characters")
+    if min(settings.rate_limit_per_minute, settings.rate_limit_auth_per_minute, settings.rate_limit_ws_per_minute) < 1:
+        raise ValueError("FINTIDE_RATE_LIMIT_*_PER_MINUTE must be at least 1")
     if not 1 <= settings.broker_fetch_max_wait_ms <= 60_000:
         raise ValueError("FINTIDE_BROKER_FETCH_MAX_WAIT_MS must be 1..60000")
     _check_payments(settings)

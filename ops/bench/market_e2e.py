@@ -69,7 +69,9 @@ def _env(settings: Settings) -> dict[str, str]:
                 "FINTIDE_DATA_DIR": settings.data_dir, "FINTIDE_TOPIC_PREFIX": settings.topic_prefix,
                 "FINTIDE_APP_ID": settings.app_id, "FINTIDE_WORKER_ID": settings.worker_id,
                 "FINTIDE_WORKER_WEB_PORT": str(settings.worker_web_port), "FINTIDE_API_PORT": str(settings.api_port),
-                "FINTIDE_TOPIC_PARTITIONS": str(settings.topic_partitions)})
+                "FINTIDE_TOPIC_PARTITIONS": str(settings.topic_partitions),
+                # every benchmark client is the same user: lift the per-user handshake limit
+                "FINTIDE_RATE_LIMIT_WS_PER_MINUTE": "100000"})
     return env
 
 

@@ -13,7 +13,6 @@ from cryptography.exceptions import InvalidTag
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-import api.ratelimit
 from api.app import create_app
 from ops.settings import Settings
 from services import identity_pii
@@ -209,10 +208,8 @@ async def test_api_key_listing_pages_with_a_cursor(client: AsyncTestClient[Lites
 
 # --- rate limits and proxies -------------------------------------------------------------------
 
-async def test_auth_routes_are_rate_limited_per_ip_with_retry_after(settings: Settings,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api.ratelimit, "DEFAULT_LIMITS", api.ratelimit.RateLimits(general_per_minute=1000,
-                                                                                  auth_per_minute=5))
+async def test_auth_routes_are_rate_limited_per_ip_with_retry_after(settings: Settings) -> None:
+    settings = msgspec.structs.replace(settings, rate_limit_per_minute=1000, rate_limit_auth_per_minute=5)
     async with AsyncTestClient(app=create_app(settings)) as client:
         statuses = [(await client.post("/api/v1/auth/refresh", json={"refresh_token": "x" * 43})).status_code
                     for _ in range(6)]
@@ -224,10 +221,8 @@ async def test_auth_routes_are_rate_limited_per_ip_with_retry_after(settings: Se
         assert (await client.get("/health")).status_code == 200  # probes are never limited
 
 
-async def test_general_limit_is_per_user_not_shared_between_users(settings: Settings,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api.ratelimit, "DEFAULT_LIMITS", api.ratelimit.RateLimits(general_per_minute=12,
-                                                                                  auth_per_minute=100))
+async def test_general_limit_is_per_user_not_shared_between_users(settings: Settings) -> None:
+    settings = msgspec.structs.replace(settings, rate_limit_per_minute=12, rate_limit_auth_per_minute=100)
     async with AsyncTestClient(app=create_app(settings)) as client:
         alice, bob = await register_and_login(client), await register_and_login(client)
         statuses = [(await client.get("/api/v1/users/me", headers=alice.headers)).status_code for _ in range(13)]
@@ -236,10 +231,8 @@ async def test_general_limit_is_per_user_not_shared_between_users(settings: Sett
         assert (await client.get("/api/v1/users/me", headers=bob.headers)).status_code == 200
 
 
-async def test_x_forwarded_for_counts_only_from_trusted_proxies(settings: Settings,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api.ratelimit, "DEFAULT_LIMITS", api.ratelimit.RateLimits(general_per_minute=1000,
-                                                                                  auth_per_minute=2))
+async def test_x_forwarded_for_counts_only_from_trusted_proxies(settings: Settings) -> None:
+    settings = msgspec.structs.replace(settings, rate_limit_per_minute=1000, rate_limit_auth_per_minute=2)
 
     async def burst(client: AsyncTestClient[Litestar], ip: str) -> list[int]:
         return [(await client.post("/api/v1/auth/refresh", json={"refresh_token": "x" * 43},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -97,3 +98,35 @@ async def test_websocket_without_a_valid_token_closes_with_4401(probe_client: As
                 ws.receive_json()
         assert closed.value.code == 4401
         assert "unauthorized" in closed.value.detail
+
+
+async def test_websocket_handshakes_are_rate_limited_per_user_with_4429(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = msgspec.structs.replace(settings, rate_limit_ws_per_minute=3)
+    monkeypatch.setattr(api.app, "API_MODULES", [*api.app.API_MODULES, __name__])
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        alice, bob = await register_and_login(client), await register_and_login(client)
+        for _ in range(3):
+            with await client.websocket_connect(f"/probe/ws?token={alice.access_token}") as ws:
+                assert ws.receive_json()["id"] == str(alice.user_id)
+        with pytest.raises(WebSocketDisconnect) as closed:
+            with await client.websocket_connect(f"/probe/ws?token={alice.access_token}") as ws:
+                ws.receive_json()
+        assert closed.value.code == 4429
+        assert 1 <= int(closed.value.detail.removeprefix("rate-limited: retry after ").removesuffix(" s")) <= 60
+        with await client.websocket_connect(f"/probe/ws?token={bob.access_token}") as ws:  # not shared
+            assert ws.receive_json()["id"] == str(bob.user_id)
+
+
+async def test_failed_websocket_authentications_are_limited_per_ip_at_the_auth_rate(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = msgspec.structs.replace(settings, rate_limit_auth_per_minute=2)
+    monkeypatch.setattr(api.app, "API_MODULES", [*api.app.API_MODULES, __name__])
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        codes = []
+        for _ in range(3):
+            with pytest.raises(WebSocketDisconnect) as closed:
+                with await client.websocket_connect("/probe/ws?token=guess") as ws:
+                    ws.receive_json()
+            codes.append(closed.value.code)
+        assert codes == [4401, 4401, 4429]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import hypothesis
+import msgspec
 import pytest
 import schemathesis
 import uvicorn
@@ -21,7 +22,6 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
-import api.ratelimit
 from api.app import create_app
 from ops.settings import Settings
 from services.identity import create_admin
@@ -38,11 +38,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def base_url(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+async def base_url(settings: Settings) -> AsyncIterator[str]:
     # The fuzzer sends hundreds of requests a minute from one IP: lift the route limits
     # (the login throttle still answers 429, a documented response).
-    monkeypatch.setattr(api.ratelimit, "DEFAULT_LIMITS", api.ratelimit.RateLimits(100_000, 100_000))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(),
+    unlimited = msgspec.structs.replace(settings, rate_limit_per_minute=100_000, rate_limit_auth_per_minute=100_000)
+    server = uvicorn.Server(uvicorn.Config(create_app(unlimited), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
