@@ -22,6 +22,7 @@ from faust.serializers import codecs as faust_codecs
 FAUST_CODEC_NAME = "msgspec"
 
 _encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
 _decoding: contextvars.ContextVar[bool] = contextvars.ContextVar("fintide_decoding", default=False)
 
 # The errors `decode` raises for bad input; callers catch exactly these.
@@ -44,6 +45,26 @@ def decode(data: bytes | str, type_: Any) -> Any:
     token = _decoding.set(True)
     try:
         return json_decoder(type_).decode(data)
+    finally:
+        _decoding.reset(token)
+
+
+@functools.cache
+def msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(type_)
+
+
+def encode_msgpack(value: Any) -> bytes:
+    """msgpack for the one topic whose payload is bulk binary (market.ticks: raw numpy
+    columns travel as msgpack bin, not as base64 text inside JSON)."""
+    return _msgpack_encoder.encode(value)
+
+
+def decode_msgpack(data: bytes, type_: Any) -> Any:
+    """`decode` for msgpack; raises the same DecodeFailure errors."""
+    token = _decoding.set(True)
+    try:
+        return msgpack_decoder(type_).decode(data)
     finally:
         _decoding.reset(token)
 

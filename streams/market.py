@@ -45,7 +45,7 @@ import msgspec
 import numpy as np
 from aiokafka.partitioner import murmur2
 
-from streams.codec import DecodeFailure
+from streams.codec import DecodeFailure, decode_msgpack, encode_msgpack
 from streams.events import Event
 from streams.topics import TopicSpec, register
 
@@ -290,7 +290,25 @@ class SignalOutcome(Event, tag="market.signal_outcome"):
 
 # -- topics --------------------------------------------------------------------------------
 
-TICKS: TopicSpec[TickBatch] = register(TopicSpec(
+class TickTopicSpec(TopicSpec[TickBatch]):
+    """market.ticks carries msgpack (`encode_ticks`): the columns are raw bytes, which JSON
+    can only carry as base64 text (33 % larger, and decoding it was ~10 % of a worker's time
+    per tick). JSON batches (a message starting with `{`; msgpack maps never do) still
+    decode, so producers may switch at any time. Bad bytes raise DecodeFailure either way:
+    the same dead-letter path."""
+
+    def decode(self, data: bytes) -> TickBatch:
+        if data[:1] == b"{":
+            return super().decode(data)
+        return decode_msgpack(data, self._wire_type)  # type: ignore[no-any-return]
+
+
+def encode_ticks(batch: TickBatch) -> bytes:
+    """The market.ticks wire format (msgpack; see TickTopicSpec)."""
+    return encode_msgpack(batch)
+
+
+TICKS: TopicSpec[TickBatch] = register(TickTopicSpec(
     "market.ticks", TickBatch, key_field=None,
     doc="columnar tick batches; one partition group per batch, produced to that partition, "
         "keyed by the batch's first symbol (all its symbols hash to the partition)"))

@@ -26,8 +26,15 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 
 from ops.settings import Settings
-from streams.codec import encode
-from streams.market import MAX_BATCH_TICKS, MAX_SYMBOL_LEN, TICKS, TickBatch, partition_for_symbol, tick_batch
+from streams.market import (
+    MAX_BATCH_TICKS,
+    MAX_SYMBOL_LEN,
+    TICKS,
+    TickBatch,
+    encode_ticks,
+    partition_for_symbol,
+    tick_batch,
+)
 from streams.topics import bootstrap_servers, ensure_topics, full_name
 
 log = logging.getLogger("fintide.feed")
@@ -195,7 +202,7 @@ class TickPublisher:
         return len(partitions)
 
     async def publish(self, batch: TickBatch) -> None:
-        value = encode(batch)
+        value = encode_ticks(batch)
         future = await self._producer.send(self.topic, value=value, key=TICKS.message_key(batch.key, batch),
                                            partition=batch.partition)
         self._in_flight.append(future)
