@@ -163,8 +163,8 @@ async def _version_above(worker: FraudWorker, version: int) -> bool:
 
 # ----------------------------------------------------------------------------- redelivery
 
-async def test_a_redelivered_request_is_answered_again_but_counted_once(worker: FraudWorker,
-                                                                         settings_: Settings) -> None:
+async def test_a_redelivered_request_is_answered_again_but_counted_once(
+        worker: FraudWorker, settings_: Settings, client: httpx.AsyncClient, admin: LoggedIn) -> None:
     payer = f"w-dup-{uuid.uuid4().hex[:6]}"
     first = request(payer, "w-shop", 1_200, ts_ms=T0)
     async with Decisions(settings_) as decisions:
@@ -172,8 +172,19 @@ async def test_a_redelivered_request_is_answered_again_but_counted_once(worker: 
         # Both answers may come in different fetches (the copies can land in different
         # batches): keep reading until the second one is in.
         await decisions.count(first.payment_id, 2)
+    # The second answer may differ a little: the copy is scored on a scratch copy of the
+    # rows as the first left them. Whoever reads decisions keeps the first.
+    answers = [(d.score, d.decision, d.rules_fired) for d in decisions.seen if d.payment_id == first.payment_id]
     state = await get_json(f"{worker.url}/fraud/payers/{payer}")
     assert state["payments_seen"] == 1 and state["payer_count_24h"] == 1
+    # The recorder got both answers; the payment has one score, the first.
+    recorded = await wait_for(lambda: _score(client, admin, first.payment_id), 60, "the recorded score")
+    assert (recorded["score"], recorded["decision"], recorded["rules_fired"]) == answers[0]
+
+
+async def _score(client: httpx.AsyncClient, user: LoggedIn, payment_id: str) -> dict[str, Any] | None:
+    response = await client.get(f"/api/v1/fraud/scores/{payment_id}", headers=user.headers)
+    return response.json() if response.status_code == 200 else None
 
 
 # ----------------------------------------------------------------------------- alerts, reviews
