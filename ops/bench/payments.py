@@ -35,7 +35,8 @@ rest: an API process (`fintide api`: uvicorn, JWT auth, rate limits, Idempotency
   latency as above (latency from each POST).
 
 Latency ends at the `completed` step's time, stamped by the worker in the transaction that
-records it (just before its commit; PostgreSQL and this client share the machine's clock).
+records it (after locking the batch's payments, before their update and the commit;
+PostgreSQL and this client share the machine's clock).
 
 Every saga run also reports, between the first request and the last completion: CPU
 milliseconds per payment of each process group (workers, api, postgres, kafka, redis,
