@@ -116,6 +116,9 @@ async def test_rest_payment_runs_the_saga_and_pushes_every_step(env: Env) -> Non
         replay = await client.post("/api/v1/payments", json=body, headers=headers)
         assert replay.status_code == 202 and replay.json() == accepted.json()
         assert replay.headers["Idempotent-Replayed"] == "true"
+        # The same key with another request is refused and starts nothing (balances below).
+        reused = await client.post("/api/v1/payments", json={**body, "amount_minor": 2_501}, headers=headers)
+        assert reused.status_code == 422 and reused.json()["type"].endswith("/idempotency-key-reused")
         seen = await client.get(f"/api/v1/payments/{payment_id}", headers=payer.headers)
         assert seen.status_code == 200
         payment = seen.json()
