@@ -37,10 +37,10 @@ so each ratio compares runs that met the same load on this shared machine; ratio
 added latencies are medians of the per-pair figures. The 1-minute load average is
 recorded per run.
 
---fetch-wait-ms: workers' Kafka consumers wait at most this long for data per fetch.
-  Tansu does not answer a waiting fetch when data arrives, so Faust's built-in 1,500 ms
-  decides latency on the embedded broker; 0 keeps Faust's value; 5 (the default) is
-  what the tests use. Apache Kafka answers at once, whatever the wait.
+--fetch-wait-ms: workers' Kafka consumers wait at most this long for data per fetch
+  (FINTIDE_BROKER_FETCH_MAX_WAIT_MS; 0, the default, keeps the setting's default, 10 ms).
+  Tansu answers a waiting fetch only when the wait expires, so the wait is a latency floor
+  per hop on the embedded broker. Apache Kafka answers at once, whatever the wait.
 """
 
 from __future__ import annotations
@@ -124,13 +124,14 @@ def _env(settings: Settings, fetch_wait_ms: int) -> dict[str, str]:
                  "worker_id", "fraud_scorer", "fraud_budget_ms", "fraud_fail_open_limit_minor"):
         env[f"FINTIDE_{name.upper()}"] = str(getattr(settings, name))
     env.update({"FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_LOG_LEVEL": "WARNING",
-                "FINTIDE_BENCH_FETCH_WAIT_MS": str(fetch_wait_ms)})
+                # 0: the platform's default fetch wait (streams/kafka.py applies the setting).
+                **({"FINTIDE_BROKER_FETCH_MAX_WAIT_MS": str(fetch_wait_ms)} if fetch_wait_ms > 0 else {})})
     return env
 
 
 def _spawn(settings: Settings, agents: str, fetch_wait_ms: int) -> subprocess.Popen[bytes]:
     log = open(Path(settings.data_dir) / f"{settings.worker_id}.log", "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "ops.bench.fraud", "_worker", "--agents", agents], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "streams.worker", "--agents", agents], cwd=REPO,
                             env=_env(settings, fetch_wait_ms), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -483,29 +484,8 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
     print(json.dumps(out, indent=2))
 
 
-def _worker_main(argv: list[str]) -> None:
-    """`streams.worker` with the benchmark's consumer fetch wait (see the module docstring)."""
-    wait_ms = int(os.environ.get("FINTIDE_BENCH_FETCH_WAIT_MS", "0"))
-    if wait_ms > 0:
-        import aiokafka
-
-        original = aiokafka.AIOKafkaConsumer.__init__
-
-        def init(self: Any, *a: Any, **kw: Any) -> None:
-            kw["fetch_max_wait_ms"] = min(int(kw.get("fetch_max_wait_ms", 500)), wait_ms)
-            original(self, *a, **kw)
-
-        aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
-    from streams.worker import main as worker_main
-
-    worker_main(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_worker"]:
-        _worker_main(argv[1:])
-        return
     parser = argparse.ArgumentParser(prog="python -m ops.bench.fraud", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["quality", "kernels", "scorer", "saga", "all"])
     parser.add_argument("--quality-n", type=int, default=20_000, help="quality: payments per seed")
@@ -520,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--paced", type=int, default=1_000, help="saga: paced payments for latency")
     parser.add_argument("--saga-rate", type=float, default=100.0, help="saga: paced payments/s")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per side (medians over them)")
-    parser.add_argument("--fetch-wait-ms", type=int, default=5)
+    parser.add_argument("--fetch-wait-ms", type=int, default=0,
+                        help="workers' consumer fetch wait (FINTIDE_BROKER_FETCH_MAX_WAIT_MS); 0: the setting's default")
     args = parser.parse_args(argv)
     if args.command in ("kernels", "quality"):
         asyncio.run(_main(args, load_settings(environ={})))
