@@ -98,6 +98,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_FRAUD_SCORER": settings.fraud_scorer,
         "FINTIDE_FRAUD_BUDGET_MS": str(settings.fraud_budget_ms),
         "FINTIDE_FRAUD_FAIL_OPEN_LIMIT_MINOR": str(settings.fraud_fail_open_limit_minor),
+        # The worker's own consumer takes its wait from this setting (streams/kafka.py),
+        # whatever main() below patches.
+        "FINTIDE_BROKER_FETCH_MAX_WAIT_MS": str(TEST_FETCH_MAX_WAIT_MS),
     })
     return env
 
