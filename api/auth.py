@@ -27,13 +27,11 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.authentication import AuthenticationResult
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.security.jwt import JWTAuth, JWTAuthenticationMiddleware, Token
-from litestar.stores.redis import RedisStore
 from litestar.types import Guard
-from redis.asyncio import Redis
 
 import jwt as pyjwt
 from api.problems import Problem
-from api.ratelimit import RATE_LIMIT_STORE, RateLimits, rate_limit_configs
+from api.ratelimit import RateLimits, rate_limit_configs
 from api.resources import Resources
 from ops.settings import Settings
 from services import identity_auth, identity_keys
@@ -189,18 +187,10 @@ def install(settings: Settings) -> Callable[[AppConfig], AppConfig]:
     limits = RateLimits.from_settings(settings)
 
     def on_app_init(config: AppConfig) -> AppConfig:
-        limiter_redis = Redis.from_url(settings.redis_url)
-        stores = dict(config.stores or {})  # type: ignore[arg-type]
-        stores[RATE_LIMIT_STORE] = RedisStore(limiter_redis, namespace="fintide:ratelimit")
-        config.stores = stores
+        # The limiters count in the app's Redis (app.state.resources; api/ratelimit.py).
         config.middleware.extend([c.middleware for c in rate_limit_configs(limits)])
         config.state["rate_limits"] = limits  # WebSocket handshakes (api/ws_auth.py)
         config.middleware.append(jwt_auth.middleware)
-
-        async def close_limiter_redis() -> None:
-            await limiter_redis.aclose()
-
-        config.on_shutdown.append(close_limiter_redis)
         if config.openapi_config:
             config.openapi_config = copy(config.openapi_config)
             config.openapi_config.components = [jwt_auth.openapi_components, _api_key_component()]

@@ -1,4 +1,4 @@
-"""Rate limits on every route: Litestar's RateLimitMiddleware over a Redis store.
+"""Rate limits on every route: Litestar's RateLimitMiddleware with an atomic Redis counter.
 
 Two tiers, each its own middleware (so their Redis keys differ):
 - general: every API route, per authenticated user (verified JWT `sub`), per API key
@@ -7,6 +7,14 @@ Two tiers, each its own middleware (so their Redis keys differ):
   credential stuffing and OTP guessing hit, and mostly run before a user is known).
 Over the limit → 429 problem+json with Retry-After. /health, /ready and /metrics are not
 limited: probes and scrapers must never be turned away.
+
+Litestar's middleware decides which requests count and whose they are (config, exclusions,
+identifiers, RateLimit-* headers); only its bookkeeping is replaced. It keeps a JSON list
+of timestamps per client in a Store and reads, then writes it under a process-wide lock:
+every request of every client waited for two Redis round trips of the request before it,
+and replicas racing between the read and the write could both let a request through.
+`hit` is one Lua call instead: atomic across replicas, no lock. The semantics are the
+same as Litestar's: a window opens at a client's first request and lasts a minute.
 
 WebSocket handshakes, which Litestar's middleware does not see (it limits HTTP scopes
 only), are limited by `limit_websocket` from the shared WS auth helper (api/ws_auth.py):
@@ -20,7 +28,7 @@ The client IP honours X-Forwarded-For only when the peer is a trusted proxy
 from __future__ import annotations
 
 import ipaddress
-import time
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -28,17 +36,24 @@ from typing import Any
 import jwt
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.exceptions import TooManyRequestsException
-from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
-from litestar.types import Receive, Scope, Send
+from litestar.datastructures import MutableScopeHeaders
+from litestar.middleware.rate_limit import DURATION_VALUES, RateLimitConfig, RateLimitMiddleware
+from litestar.types import Message, Receive, Scope, Send
 from redis.asyncio import Redis
 
 from api.problems import Problem
 from ops.settings import Settings
 
-RATE_LIMIT_STORE = "rate_limit"
-WS_KEY_PREFIX = "fintide:ratelimit:ws:"
-WINDOW_S = 60
+KEY_PREFIX = "fintide:ratelimit:"
+WS_WINDOW_S = 60
+# Count a hit; the first hit of a window starts its expiry. Returns {hits, ms until reset}.
+_HIT = """
+local hits = redis.call('INCR', KEYS[1])
+if hits == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {hits, ttl}
+"""
 AUTH_PATH_PREFIX = "/api/v1/auth/"
 UNLIMITED_PATHS = ["^/health$", "^/ready$", "^/metrics"]
 
@@ -132,17 +147,44 @@ def _is_auth_route(request: Request[Any, Any, Any]) -> bool:
     return request.url.path.startswith(AUTH_PATH_PREFIX)
 
 
+async def hit(redis: Redis, key: str, window_s: int) -> tuple[int, int]:
+    """Count one hit on `key`: (hits in the current window, whole seconds until it resets)."""
+    hits, ttl_ms = await redis.eval(_HIT, 1, KEY_PREFIX + key, window_s * 1000)  # type: ignore[misc]
+    return int(hits), max(math.ceil(int(ttl_ms) / 1000), 1)
+
+
 class _ProblemRateLimit(RateLimitMiddleware):
-    """Litestar's limiter, answering 429 as problem+json with Retry-After."""
+    """Litestar's limiter counting with `hit`, answering 429 as problem+json with Retry-After."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except TooManyRequestsException as exc:
-            # Only the limiter raises this class (services raise Problem), so this is ours.
-            headers = dict(exc.headers or {})
-            headers["Retry-After"] = str(max(int(headers.get("RateLimit-Reset", "1")), 1))
-            raise Problem(429, "rate-limited", "Too many requests; slow down.", headers=headers) from None
+        request: Request[Any, Any, Any] = scope["litestar_app"].request_class(scope)
+        if not await self.should_check_request(request=request):
+            await self.app(scope, receive, send)
+            return
+        window_s = DURATION_VALUES[self.unit]
+        hits, reset_s = await hit(request.app.state.resources.redis, self.cache_key_from_request(request), window_s)
+        headers = {
+            self.config.rate_limit_policy_header_key: f"{self.max_requests}; w={window_s}",
+            self.config.rate_limit_limit_header_key: str(self.max_requests),
+            self.config.rate_limit_remaining_header_key: str(max(self.max_requests - hits, 0)),
+            self.config.rate_limit_reset_header_key: str(reset_s),
+        }
+        if hits > self.max_requests:
+            raise Problem(429, "rate-limited", "Too many requests; slow down.",
+                          headers={**headers, "Retry-After": str(reset_s)})
+        await self.app(scope, receive, _with_headers(send, headers))
+
+
+def _with_headers(send: Send, headers: dict[str, str]) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message.setdefault("headers", [])
+            scope_headers = MutableScopeHeaders(message)
+            for name, value in headers.items():
+                scope_headers[name] = value
+        await send(message)
+
+    return send_with_headers
 
 
 class GeneralRateLimit(_ProblemRateLimit):
@@ -156,19 +198,14 @@ class AuthRateLimit(_ProblemRateLimit):
 def rate_limit_configs(limits: RateLimits) -> list[RateLimitConfig]:
     assert min(limits.general_per_minute, limits.auth_per_minute, limits.ws_connects_per_minute) > 0
     general = RateLimitConfig(rate_limit=("minute", limits.general_per_minute), exclude=UNLIMITED_PATHS,
-                              identifier_for_request=_general_identifier, middleware_class=GeneralRateLimit,
-                              store=RATE_LIMIT_STORE)
+                              identifier_for_request=_general_identifier, middleware_class=GeneralRateLimit)
     auth = RateLimitConfig(rate_limit=("minute", limits.auth_per_minute), exclude=UNLIMITED_PATHS,
                            identifier_for_request=_auth_identifier, check_throttle_handler=_is_auth_route,
-                           middleware_class=AuthRateLimit, store=RATE_LIMIT_STORE)
+                           middleware_class=AuthRateLimit)
     return [general, auth]
 
 
 async def limit_websocket(redis: Redis, identity: str, per_minute: int) -> int:
-    """Count one handshake for `identity` in the current minute; 0 if it may go on, else
-    the seconds until the window resets (a fixed window, like the HTTP limiter's)."""
-    now = time.time()
-    key = f"{WS_KEY_PREFIX}{identity}:{int(now // WINDOW_S)}"
-    async with redis.pipeline(transaction=True) as pipe:
-        count, _ = await pipe.incr(key).expire(key, 2 * WINDOW_S).execute()
-    return 0 if count <= per_minute else max(int(WINDOW_S - now % WINDOW_S), 1)
+    """Count one handshake for `identity`; 0 if it may go on, else the seconds to wait."""
+    hits, reset_s = await hit(redis, f"ws::{identity}", WS_WINDOW_S)
+    return 0 if hits <= per_minute else reset_s

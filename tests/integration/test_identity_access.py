@@ -3,6 +3,7 @@ the email registry, rate limits with Retry-After, trusted proxies, and the event
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,7 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from ops.settings import Settings
 from services import identity_pii
+from tests.helpers.api import served
 from tests.helpers.auth import admin_login, register_and_login
 
 KYC = {"document_type": "pan", "document_number": "abcde1234f", "date_of_birth": "1990-04-21",
@@ -229,6 +231,20 @@ async def test_general_limit_is_per_user_not_shared_between_users(settings: Sett
         assert statuses == [200] * 12 + [429]
         assert "retry-after" in (await client.get("/api/v1/users/me", headers=alice.headers)).headers
         assert (await client.get("/api/v1/users/me", headers=bob.headers)).status_code == 200
+
+
+async def test_replicas_sharing_redis_let_exactly_the_limit_through(settings: Settings) -> None:
+    # Two API replicas, one user, concurrent requests on both: the count is one atomic
+    # Redis counter, so neither replica can let a request through that the other counted.
+    settings = msgspec.structs.replace(settings, rate_limit_per_minute=25, rate_limit_auth_per_minute=100)
+    async with served(settings) as one, served(settings) as two:
+        me = await register_and_login(one)
+        responses = await asyncio.gather(*(client.get("/api/v1/users/me", headers=me.headers)
+                                           for client in [one, two] * 20))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 25 + [429] * 15
+    remaining = sorted(int(r.headers["ratelimit-remaining"]) for r in responses if r.status_code == 200)
+    assert remaining == list(range(25))  # every hit saw its own count
 
 
 async def test_x_forwarded_for_counts_only_from_trusted_proxies(settings: Settings) -> None:
