@@ -1,30 +1,22 @@
 """Helpers for the fraud integration tests: module-scoped settings on the session's real
 servers, fraud worker child processes, the API on uvicorn, and a decision reader.
 
-Workers run `python -m tests.integration.test_fraud_support`, which is `streams.worker`
-with one difference: Kafka consumers use a 5 ms fetch wait instead of Faust's 1,500 ms.
-The embedded broker (Tansu) does not answer a waiting fetch when data arrives — it holds
-it for the whole wait (measured: a Faust hop takes 0.6-1.5 s instead of ~2 ms; see
-docs/FRAUD.md, "Latency on the embedded broker") — and each test would wait seconds per
-hop. Nothing the tests assert depends on the wait; only how long they take.
+Workers and the decision reader use a 5 ms Kafka fetch wait: the embedded broker (Tansu)
+does not answer a waiting fetch when data arrives but holds it for the whole wait (see
+docs/FRAUD.md, "Latency on the embedded broker"), so the wait is paid per hop. Nothing the
+tests assert depends on it; only how long they take.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
-import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer
 
@@ -33,14 +25,12 @@ from ops.settings import Settings, load_settings
 from streams.fraud import DECISIONS, RiskDecided, ScoreRequested
 from streams.publisher import EventPublisher
 from streams.topics import bootstrap_servers, full_name
-from streams.worker import web_url_path
 from tests.conftest import TEMPLATE_DB, _db_url
+from tests.helpers import workers
+from tests.helpers.workers import WorkerProcess, get_json, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
 TEST_FETCH_MAX_WAIT_MS = 5
-T = TypeVar("T")
 
 
 def module_settings(stack: EmbeddedStack, data_dir: Path, name: str, redis_db: int) -> Settings:
@@ -60,77 +50,22 @@ def module_settings(stack: EmbeddedStack, data_dir: Path, name: str, redis_db: i
                          database_url=_db_url(stack, db_name),
                          redis_url=stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
                          topic_prefix=f"{db_name}.", app_id=f"fintide-{db_name}", worker_web_port=0,
-                         api_port=free_port(), feed_enabled=False, fraud_scorer="model")
+                         api_port=free_port(), feed_enabled=False, fraud_scorer="model",
+                         broker_fetch_max_wait_ms=TEST_FETCH_MAX_WAIT_MS)
 
 
 # ----------------------------------------------------------------------------- workers
 
-@dataclass
-class FraudWorker:
-    settings: Settings
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> int:
-        """SIGTERM, as an orchestrator would; kill only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                raise AssertionError(f"worker ignored SIGTERM:\n{self.log_tail()}") from None
-        return self.proc.returncode
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
-    env.update({
-        "FINTIDE_ENV": "test", "FINTIDE_LOG_LEVEL": "INFO", "FINTIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FINTIDE_DATABASE_URL": settings.database_url, "FINTIDE_REDIS_URL": settings.redis_url,
-        "FINTIDE_DATA_DIR": settings.data_dir, "FINTIDE_TOPIC_PREFIX": settings.topic_prefix,
-        "FINTIDE_APP_ID": settings.app_id, "FINTIDE_WORKER_ID": settings.worker_id,
-        "FINTIDE_WORKER_WEB_PORT": "0", "FINTIDE_FRAUD_SCORER": settings.fraud_scorer,
-        "FINTIDE_FRAUD_BUDGET_MS": str(settings.fraud_budget_ms),
-        "FINTIDE_FRAUD_FAIL_OPEN_LIMIT_MINOR": str(settings.fraud_fail_open_limit_minor),
-        # The worker's own consumer takes its wait from this setting (streams/kafka.py),
-        # whatever main() below patches.
-        "FINTIDE_BROKER_FETCH_MAX_WAIT_MS": str(TEST_FETCH_MAX_WAIT_MS),
-    })
-    return env
+FraudWorker = WorkerProcess
+FRAUD_ENV_FIELDS = ("fraud_scorer", "fraud_budget_ms", "fraud_fail_open_limit_minor", "broker_fetch_max_wait_ms")
 
 
 async def start_worker(settings: Settings, agents: str = "agents.fraud",
-                       ready: Callable[[FraudWorker], Awaitable[bool]] | None = None) -> FraudWorker:
+                       ready: Callable[[WorkerProcess], Awaitable[bool]] | None = None) -> WorkerProcess:
     """A worker child process running `agents`, returned once `ready` (default: it owns
     fraud table partitions and has loaded the rules)."""
-    log_path = Path(settings.data_dir) / f"{settings.worker_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    web_url_path(settings).unlink(missing_ok=True)  # a killed worker leaves its old one
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.test_fraud_support", "--agents", agents],
-                                cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    worker = FraudWorker(settings, proc, log_path)
-    try:
-        worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "web.url")
-        await wait_for(lambda: (ready or _ready)(worker), START_TIMEOUT_S, "the worker to be ready")
-    except BaseException:
-        worker.proc.kill()
-        worker.proc.wait(5)
-        raise
-    return worker
-
-
-async def _read_url(worker: FraudWorker) -> str | None:
-    assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
-    path = web_url_path(worker.settings)
-    return path.read_text().strip() if path.exists() else None
+    return await workers.start_worker(settings, agents.split(","), ready or _ready, env_fields=FRAUD_ENV_FIELDS,
+                                      timeout_s=START_TIMEOUT_S)
 
 
 async def _ready(worker: FraudWorker) -> bool:
@@ -141,26 +76,6 @@ async def _ready(worker: FraudWorker) -> bool:
         return False
     tables = {t["name"]: t for t in report["tables"]}
     return bool(tables.get("fraud.payer_features", {}).get("active_partitions"))
-
-
-async def wait_for(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def get_json(url: str) -> Any:
-    async with httpx.AsyncClient(timeout=10) as client:
-        try:
-            response = await client.get(url)
-        except httpx.TransportError:
-            return None
-    return response.json() if response.status_code == 200 else None
 
 
 # ----------------------------------------------------------------------------- API
@@ -259,23 +174,3 @@ async def publish(settings: Settings, requests: Sequence[ScoreRequested]) -> Non
     async with EventPublisher(settings) as publisher:
         for lo in range(0, len(requests), 5_000):
             await publisher.publish_many("fraud.requests", [(None, r) for r in requests[lo:lo + 5_000]])
-
-
-def main() -> None:
-    """`streams.worker` with short consumer fetch waits (see the module docstring)."""
-    import aiokafka
-
-    original = aiokafka.AIOKafkaConsumer.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), TEST_FETCH_MAX_WAIT_MS)
-        original(self, *args, **kwargs)
-
-    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
-    from streams.worker import main as worker_main
-
-    worker_main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    main()
