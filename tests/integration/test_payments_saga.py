@@ -187,6 +187,40 @@ async def test_rest_payment_refusals_and_visibility(env: Env) -> None:
     await assert_saga_sound(env.pool)
 
 
+async def test_payment_pushes_reach_only_the_payers_own_socket(env: Env) -> None:
+    async with served(env.settings) as client:
+        alice, bob, payee = [await register_and_login(client) for _ in range(3)]
+        target = await api_wallet(client, payee, 0)
+        sources = {u.user_id: await api_wallet(client, u, 5_000) for u in (alice, bob)}
+        env.accounts |= {UUID(target), *(UUID(w) for w in sources.values())}
+
+        async def pay(user: object) -> str:
+            response = await client.post("/api/v1/payments", headers={**user.headers, **key()},  # type: ignore[attr-defined]
+                                         json={"from_wallet": sources[user.user_id], "to_wallet": target,  # type: ignore[attr-defined]
+                                               "amount_minor": 900, "currency": "INR", "description": "x"})
+            assert response.status_code == 202, response.text
+            return str(response.json()["id"])
+
+        async def until_completed(ws: websockets.ClientConnection) -> list[dict[str, object]]:
+            frames = [await next_status(ws)]
+            while frames[-1]["status"] != "completed":
+                frames.append(await next_status(ws))
+            return frames
+
+        ws_url = f"{client.ws_url}/ws/payments?token="  # type: ignore[attr-defined]
+        async with websockets.connect(ws_url + alice.access_token) as alice_ws, \
+                websockets.connect(ws_url + bob.access_token) as bob_ws:
+            for ws in (alice_ws, bob_ws):
+                assert json.loads(await ws.recv()) == {"type": "subscribed"}
+            # Bob's whole saga is pushed while Alice's socket is open: had any of it leaked
+            # there, it would arrive on her socket before her own payment's frames.
+            bobs = await pay(bob)
+            assert {f["payment_id"] for f in await until_completed(bob_ws)} == {bobs}
+            alices = await pay(alice)
+            assert {f["payment_id"] for f in await until_completed(alice_ws)} == {alices}
+    await assert_saga_sound(env.pool)
+
+
 async def test_kafka_in_requests_complete_once_and_bad_ones_are_dead_lettered(env: Env) -> None:
     payers = await wallets(env.pool, [5_000] * 6)
     payees = await wallets(env.pool, [0] * 6)
