@@ -27,17 +27,16 @@ from streams.market import (
     tick_batch,
 )
 from tables.market import STREAM_TABLES, partition_anchor_key
+from tests.helpers.workers import get_json, wait_for
 from tests.integration.test_market_support import (
     MarketWorker,
     Ticks,
-    get_json,
     owned_partitions,
     publish,
     read_topic,
     reference,
     simulate,
     start_worker,
-    wait_for,
     without_header,
 )
 

@@ -1,21 +1,14 @@
-"""Shared by the market tests (no tests here): market workers as child processes, exactly
-as `fintide worker` runs them; deterministic tick batches; the reference engine run.
+"""Shared by the market tests (no tests here): market workers as child processes (through
+tests/helpers/workers.py); deterministic tick batches; the reference engine run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import msgspec
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -28,82 +21,22 @@ from streams.codec import decode
 from streams.events import DeadLetter
 from streams.market import TickBatch
 from streams.topics import TopicSpec, dlq_name, full_name
-from streams.worker import web_url_path
+from tests.helpers import workers
+from tests.helpers.workers import WorkerProcess, get_json
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
-T = TypeVar("T")
+MarketWorker = WorkerProcess
 
 
-@dataclass
-class MarketWorker:
-    settings: Settings
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
+async def start_worker(settings: Settings, *, wait_for_partitions: bool = True) -> WorkerProcess:
+    """A market worker child process, returned once it holds market.ticks partitions (or
+    at once, with wait_for_partitions=False: a second worker joining a group)."""
+    async def ready(worker: WorkerProcess) -> bool:
+        return not wait_for_partitions or bool(await owned_partitions(worker))
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        """SIGTERM, as an orchestrator would; kill the group only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                raise AssertionError(f"worker ignored SIGTERM for {STOP_TIMEOUT_S} s:\n{self.log_tail()}") from None
-        return self.proc.returncode
+    return await workers.start_worker(settings, ["agents.market"], ready)
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTIDE_")}
-    env.update({
-        "FINTIDE_ENV": "test", "FINTIDE_LOG_LEVEL": "INFO",
-        "FINTIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FINTIDE_DATA_DIR": settings.data_dir,
-        "FINTIDE_TOPIC_PREFIX": settings.topic_prefix, "FINTIDE_APP_ID": settings.app_id,
-        "FINTIDE_WORKER_ID": settings.worker_id, "FINTIDE_WORKER_WEB_PORT": "0",
-        "FINTIDE_DATABASE_URL": settings.database_url, "FINTIDE_REDIS_URL": settings.redis_url,
-    })
-    return env
-
-
-def spawn_worker(settings: Settings) -> MarketWorker:
-    log_path = Path(settings.data_dir) / f"{settings.worker_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.worker", "--agents", "agents.market"],
-                                cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    return MarketWorker(settings, proc, log_path)
-
-
-async def start_worker(settings: Settings, *, wait_for_partitions: bool = True) -> MarketWorker:
-    worker = spawn_worker(settings)
-    try:
-        worker.url = await wait_for(lambda: _read_url(worker), START_TIMEOUT_S, "web.url")
-        if wait_for_partitions:
-            await wait_for(lambda: owned_partitions(worker), START_TIMEOUT_S, "partition assignment")
-    except BaseException:
-        worker.proc.kill()
-        worker.proc.wait(5)
-        raise
-    return worker
-
-
-async def _read_url(worker: MarketWorker) -> str | None:
-    assert worker.alive(), f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}"
-    path = web_url_path(worker.settings)
-    return path.read_text().strip() if path.exists() else None
-
-
-async def owned_partitions(worker: MarketWorker) -> list[int] | None:
+async def owned_partitions(worker: WorkerProcess) -> list[int] | None:
     """The market.ticks partitions this worker holds as active, or None while it holds none."""
     report = await get_json(worker.url + "/ops/")
     if not report:
@@ -112,26 +45,6 @@ async def owned_partitions(worker: MarketWorker) -> list[int] | None:
         if table["name"] == "market.symbols":
             return table["active_partitions"] or None
     return None
-
-
-async def wait_for(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-async def get_json(url: str) -> Any:
-    async with httpx.AsyncClient(timeout=10) as client:
-        try:
-            response = await client.get(url)
-        except httpx.TransportError:
-            return None
-    return response.json() if response.status_code == 200 else None
 
 
 # -- ticks --------------------------------------------------------------------------------------
