@@ -69,6 +69,7 @@ class RateLimits:
         return cls(settings.rate_limit_per_minute, settings.rate_limit_auth_per_minute,
                    settings.rate_limit_ws_per_minute)
 
+
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

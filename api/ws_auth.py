@@ -30,7 +30,8 @@ TOKEN_COOKIE = "access_token"
 
 
 async def authenticate_websocket(socket: WebSocket[Any, Any, Any]) -> AuthUser:
-    """The socket's user; otherwise close 4401 with a reason and raise WebSocketException."""
+    """The socket's user; otherwise close 4401 (no valid token) or 4429 (too many handshakes)
+    with a reason, and raise WebSocketException."""
     token = socket.query_params.get(TOKEN_QUERY_PARAM) or socket.cookies.get(TOKEN_COOKIE)
     try:
         if not token:
