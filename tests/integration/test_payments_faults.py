@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
@@ -43,15 +42,14 @@ from streams.payments import (
     partition_for_key,
 )
 from streams.publisher import EventPublisher
-from tests.conftest import TEMPLATE_DB, _db_url
 from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.integration.test_payments_saga_support import (
-    Worker,
+    SagaEnv,
     assert_projection_matches,
     assert_saga_sound,
-    fresh_database,
     key,
+    saga_env,
     saga_settings,
     start_worker,
     statuses,
@@ -60,27 +58,14 @@ from tests.integration.test_payments_saga_support import (
     wallets,
 )
 
-
-@dataclass
-class Env:
-    settings: Settings
-    pool: asyncpg.Pool
-    worker: Worker
-    accounts: set[UUID] = field(default_factory=set)
+Env = SagaEnv
 
 
 @pytest.fixture(scope="module")
-async def env(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with fresh_database(_db_url(stack, "postgres"), TEMPLATE_DB) as url:
-        settings = saga_settings(stack.kafka_bootstrap, url, stack.redis_url, tmp_path_factory.mktemp("faults"),
-                                 fraud_budget_ms=120_000)
-        pool = await create_pool(url)
-        state = Env(settings, pool, await start_worker(settings))
-        try:
-            yield state
-        finally:
-            state.worker.stop()
-            await pool.close()
+async def env(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SagaEnv]:
+    # Tests here kill and replace the worker: the last one may not exit cleanly.
+    async with saga_env(stack, tmp_path_factory.mktemp("faults"), clean_stop=False, fraud_budget_ms=120_000) as state:
+        yield state
 
 
 def requests_for(payers: list[Account], payees: list[Account], count: int, amount_minor: int) -> list[PaymentRequested]:

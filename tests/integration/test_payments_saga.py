@@ -13,16 +13,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from uuid import UUID
 
 import asyncpg
 import pytest
 import websockets
 
-from db.engine import create_pool
 from ops.embedded import EmbeddedStack
-from ops.settings import Settings
 from services import payments
 from services.payments import TransferRequest
 from streams.fraud import REQUESTS
@@ -33,46 +30,29 @@ from streams.payments import (
     partition_for_key,
 )
 from streams.publisher import EventPublisher
-from tests.conftest import TEMPLATE_DB, _db_url
 from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.integration.test_payments_saga_support import (
     REPO,
-    Worker,
+    SagaEnv,
     assert_projection_matches,
     assert_saga_sound,
-    fresh_database,
     key,
     read_topic,
-    saga_settings,
-    start_worker,
+    saga_env,
     wait_terminal,
     wallets,
 )
 from tests.integration.test_payments_support import funded_wallet
 
-
-@dataclass
-class Env:
-    settings: Settings
-    pool: asyncpg.Pool
-    worker: Worker
-    accounts: set[UUID] = field(default_factory=set)
+Env = SagaEnv
 
 
 @pytest.fixture(scope="module")
-async def env(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with fresh_database(_db_url(stack, "postgres"), TEMPLATE_DB) as url:
-        # A generous budget: these tests are about the happy paths, not timeouts.
-        settings = saga_settings(stack.kafka_bootstrap, url, stack.redis_url, tmp_path_factory.mktemp("saga"),
-                                 fraud_budget_ms=60_000)
-        pool = await create_pool(url)
-        worker = await start_worker(settings)
-        try:
-            yield Env(settings, pool, worker)
-        finally:
-            assert worker.stop() == 0, worker.log_tail()
-            await pool.close()
+async def env(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SagaEnv]:
+    # A generous budget: these tests are about the happy paths, not timeouts.
+    async with saga_env(stack, tmp_path_factory.mktemp("saga"), fraud_budget_ms=60_000) as state:
+        yield state
 
 
 async def api_wallet(client: object, user: object, amount_minor: int) -> str:

@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -21,12 +22,15 @@ from uuid import UUID
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from db.engine import create_pool
 from db.payments import Account
+from ops.embedded import EmbeddedStack
 from ops.settings import Settings, load_settings
 from services import payments
 from streams.codec import decode
 from streams.events import DeadLetter
 from streams.topics import TopicSpec, dlq_name, full_name
+from tests.conftest import TEMPLATE_DB, _db_url
 from tests.helpers import workers
 from tests.helpers.workers import WorkerProcess, get_json, metric, wait_for
 from tests.integration.test_payments_support import assert_ledger_sound, funded_wallet
@@ -97,6 +101,33 @@ async def fresh_database(admin_url: str, template: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@dataclass
+class SagaEnv:
+    """A module's saga: its settings, a pool on its database and its (replaceable) worker;
+    `accounts` collects the wallets a test created, for the projection checks."""
+    settings: Settings
+    pool: asyncpg.Pool
+    worker: WorkerProcess
+    accounts: set[UUID] = field(default_factory=set)
+
+
+@asynccontextmanager
+async def saga_env(stack: EmbeddedStack, data_dir: Path, *, clean_stop: bool = True,
+                   **overrides: Any) -> AsyncIterator[SagaEnv]:
+    """A fresh database, settings and a started saga worker; on exit the current worker is
+    stopped (and must exit 0 with `clean_stop`, i.e. unless the tests kill workers)."""
+    async with fresh_database(_db_url(stack, "postgres"), TEMPLATE_DB) as url:
+        settings = saga_settings(stack.kafka_bootstrap, url, stack.redis_url, data_dir, **overrides)
+        pool = await create_pool(url)
+        env = SagaEnv(settings, pool, await start_worker(settings))
+        try:
+            yield env
+        finally:
+            code = env.worker.stop()
+            await pool.close()
+            assert code == 0 or not clean_stop, env.worker.log_tail()
 
 
 # ------------------------------------------------------------------------------- the API
