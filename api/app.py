@@ -14,11 +14,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Router
-from litestar.datastructures import State
 from litestar.channels import ChannelsPlugin
-from litestar.channels.backends.redis import RedisChannelsPubSubBackend
 from litestar.config.compression import CompressionConfig
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -26,6 +25,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from redis.asyncio import Redis
 
 from api import auth as identity_auth
+from api.channels import SerialPubSubBackend
 from api.health import health, ready
 from api.middleware import request_id_middleware
 from api.problems import EXCEPTION_HANDLERS
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or load_settings()
     channels_redis = Redis.from_url(settings.redis_url)
     channels = ChannelsPlugin(
-        backend=RedisChannelsPubSubBackend(redis=channels_redis, key_prefix=CHANNELS_PREFIX),
+        backend=SerialPubSubBackend(redis=channels_redis, key_prefix=CHANNELS_PREFIX),
         arbitrary_channels_allowed=True,
     )
 
