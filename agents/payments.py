@@ -4,14 +4,15 @@
       -> initiated -> funds_reserved          (PostgreSQL: payment row + hold, one transaction)
       -> fraud.score_requested                (this module, to fraud.requests)
       <- fraud.risk_decided                   (the scorer, from fraud.decisions)
-      -> risk_assessed + posted               (allow: the hold posts to the payee, double entry)
+      -> risk_assessed + posted + completed   (allow: the hold posts to the payee, double entry,
+                                               and the saga ends, one transaction, three events)
          | under_review (hold kept)           (review: waits for an analyst's decision)
          | failed{risk_blocked|review_declined|risk_timeout}   (the hold is voided)
-      -> completed                            (this module closes the saga of a posted payment)
 
 Agents (each takes batches of messages: one PostgreSQL transaction and one publish per batch):
   payments.saga        payments.events: initiates Kafka-in requests, requests risk scores,
-                       completes posted payments, keeps the `payments.sagas` table (what
+                       completes payments left `posted` (not the saga's own captures, which
+                       complete as they post), keeps the `payments.sagas` table (what
                        waits for a decision until when) and pushes every status change to
                        the payer's WebSocket channel;
   payments.risk        fraud.decisions: applies decisions (services.payments.settle_risk);
@@ -443,7 +444,10 @@ class _Batch:
     writers: dict[str, EventT[Any]] = field(default_factory=dict)
     to_score: dict[UUID, tuple[Item[Any], db.Payment]] = field(default_factory=dict)
     to_check: dict[UUID, Item[PaymentStep]] = field(default_factory=dict)
-    to_complete: list[UUID] = field(default_factory=list)
+    # Posted payments not seen completed in this batch (an ordered set). The saga's own
+    # captures complete in their capture transaction and their `completed` event follows
+    # `posted` in the same relayed batch, so this is normally empty again by the batch's end.
+    to_complete: dict[UUID, None] = field(default_factory=dict)
     pushes: list[PaymentStep] = field(default_factory=list)
 
     def draft(self, wallet: str, item: Item[Any]) -> SagaDraft:
@@ -470,7 +474,7 @@ async def on_payment_events(saga: Saga, items: list[Item[Any]]) -> int:
     if b.to_check:
         await check_unknown_reservations(b)
     if b.to_complete:
-        ids = b.to_complete
+        ids = list(b.to_complete)
         await in_transaction_retry(saga.rt, lambda conn: _chunked(payments.complete_payments, conn, ids))
     if b.to_score:
         await request_scores(b)
@@ -499,7 +503,9 @@ def fold_step(b: _Batch, item: Item[PaymentStep]) -> None:
     elif isinstance(e, PaymentRiskAssessed | PaymentPosted | PaymentCompleted):
         draft.settle(pid)
         if isinstance(e, PaymentPosted):
-            b.to_complete.append(e.payment_id)
+            b.to_complete[e.payment_id] = None
+        elif isinstance(e, PaymentCompleted):
+            b.to_complete.pop(e.payment_id, None)
 
 
 async def initiate(b: _Batch, requests: list[Item[PaymentRequested]]) -> None:

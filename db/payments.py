@@ -103,9 +103,54 @@ class Payment(msgspec.Struct, frozen=True):
     captured_minor: int
     refunded_minor: int
     failure_reason: str | None
-    steps: list[dict[str, Any]]
     created_at: datetime
     updated_at: datetime
+    # The saga history (migration 0002): when each step happened (`initiated` is
+    # created_at), the detail of the three steps that carry one, and the request's context.
+    reserved_at: datetime | None = None
+    review_at: datetime | None = None
+    assessed_at: datetime | None = None
+    posted_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    review_detail: str | None = None
+    assessed_detail: str | None = None
+    failed_detail: str | None = None
+    device_id: str = ""
+    ip: str = ""
+    country: str = ""
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        """The saga steps so far, in the order they happened: {status, at, detail?}
+        (`initiated` also carries the request's device_id, ip and country when given)."""
+        first: dict[str, Any] = {"status": "initiated", "at": self.created_at.isoformat()}
+        first.update((k, v) for k, v in (("device_id", self.device_id), ("ip", self.ip), ("country", self.country)) if v)
+        out = [first]
+        # Only under_review and risk_assessed occur in either order (a model review then
+        # the analyst's allow, or an assessment sent to review); the rest is the saga's order.
+        decided = [s for s in ("under_review", "risk_assessed") if getattr(self, STEP_COLUMNS[s]) is not None]
+        decided.sort(key=lambda s: getattr(self, STEP_COLUMNS[s]))
+        for status in ("funds_reserved", *decided, "posted", "completed", "failed"):
+            at = getattr(self, STEP_COLUMNS[status])
+            if at is None:
+                continue
+            step: dict[str, Any] = {"status": status, "at": at.isoformat()}
+            detail = getattr(self, DETAIL_COLUMNS[status]) if status in DETAIL_COLUMNS else None
+            if detail:
+                step["detail"] = detail
+            out.append(step)
+        return out
+
+
+# The column recording when a payment reached each saga status (`initiated`: created_at),
+# and the columns of the steps that carry a detail.
+STEP_COLUMNS: dict[str, str] = {"funds_reserved": "reserved_at", "under_review": "review_at",
+                                "risk_assessed": "assessed_at", "posted": "posted_at",
+                                "completed": "completed_at", "failed": "failed_at"}
+DETAIL_COLUMNS: dict[str, str] = {"under_review": "review_detail", "risk_assessed": "assessed_detail",
+                                  "failed": "failed_detail"}
+STEP_DETAIL_MAX_CHARS = 200
 
 
 class Refund(msgspec.Struct, frozen=True):
@@ -196,9 +241,6 @@ def _row(cls: type[Any], record: asyncpg.Record | None) -> Any:
     if record is None:
         return None
     values = dict(record)
-    if "steps" in values and isinstance(values["steps"], str):
-        # Without the pool's JSON codec (a bare connection) jsonb arrives as text.
-        values["steps"] = msgspec.json.decode(values["steps"])
     if "currency" in values:
         values["currency"] = values["currency"].strip()
     return cls(**values)
@@ -499,14 +541,15 @@ async def resolve_holds(conn: asyncpg.Connection,
 
 # ------------------------------------------------------------------------------ payments
 
+_INSERT_COLUMNS = ("id", "payer_id", "from_account_id", "to_account_id", "currency", "amount_minor", "description",
+                   "status", "hold_id", "failure_reason", "reserved_at", "failed_at", "failed_detail", "device_id",
+                   "ip", "country")
+
+
 async def insert_payment(conn: asyncpg.Connection, payment: Mapping[str, Any]) -> Payment:
-    return _row(Payment, await conn.fetchrow(
-        """INSERT INTO payments.payments (id, payer_id, from_account_id, to_account_id, currency,
-               amount_minor, description, status, hold_id, failure_reason, steps)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb) RETURNING *""",
-        payment["id"], payment["payer_id"], payment["from_account_id"], payment["to_account_id"],
-        payment["currency"], payment["amount_minor"], payment["description"], payment["status"],
-        payment["hold_id"], payment["failure_reason"], msgspec.json.encode(payment["steps"]).decode()))
+    """Insert one payment row (the keys of _INSERT_COLUMNS; the history columns may be absent)."""
+    (inserted,) = await insert_payments(conn, [payment])
+    return inserted
 
 
 async def get_payment(conn: asyncpg.Connection, payment_id: UUID, *, lock: bool = False) -> Payment | None:
@@ -515,31 +558,38 @@ async def get_payment(conn: asyncpg.Connection, payment_id: UUID, *, lock: bool 
 
 
 async def update_payment_status(conn: asyncpg.Connection, payment_id: UUID, from_statuses: Sequence[str],
-                                status: str, step: Mapping[str, Any], *, failure_reason: str | None = None,
-                                transaction_id: UUID | None = None, captured_minor: int | None = None) -> Payment | None:
-    """Move a payment along its saga when it is in one of `from_statuses`; None otherwise."""
+                                status: str, at: datetime, detail: str | None = None, *,
+                                failure_reason: str | None = None, transaction_id: UUID | None = None,
+                                captured_minor: int | None = None) -> Payment | None:
+    """Move a payment along its saga when it is in one of `from_statuses`; None otherwise.
+    The step is recorded at `at` (with `detail` if the status carries one)."""
+    invariant(status in STEP_COLUMNS, f"no saga step {status!r}")
+    detail_column = DETAIL_COLUMNS.get(status)
+    invariant(detail is None or detail_column is not None, f"a {status} step carries no detail")
+    # Column names come from the fixed maps above, never from input.
+    detail_set = f", {detail_column} = $8" if detail_column else ""
     return _row(Payment, await conn.fetchrow(
-        """UPDATE payments.payments
+        f"""UPDATE payments.payments
            SET status = $3, failure_reason = coalesce($4, failure_reason),
                transaction_id = coalesce($5, transaction_id), captured_minor = coalesce($6, captured_minor),
-               steps = steps || jsonb_build_array($7::text::jsonb), updated_at = now()
+               {STEP_COLUMNS[status]} = $7{detail_set}, updated_at = now()
            WHERE id = $1 AND status = ANY($2::text[]) RETURNING *""",
-        payment_id, list(from_statuses), status, failure_reason, transaction_id, captured_minor,
-        msgspec.json.encode(step).decode()))
+        payment_id, list(from_statuses), status, failure_reason, transaction_id, captured_minor, at,
+        *([detail[:STEP_DETAIL_MAX_CHARS] if detail else None] if detail_column else [])))
 
 
 async def mark_payments_posted(conn: asyncpg.Connection, payment_ids: Sequence[UUID],
-                               transaction_ids: Sequence[UUID], step: Mapping[str, Any]) -> list[Payment]:
-    """Payments captured in full by the given transactions, in one statement (the saga's batch)."""
+                               transaction_ids: Sequence[UUID], at: datetime) -> list[Payment]:
+    """Payments captured in full by the given transactions, in one statement (capture_payments)."""
     if not payment_ids:
         return []
     rows = await conn.fetch(
         """UPDATE payments.payments AS p
            SET status = 'posted', transaction_id = u.transaction_id, captured_minor = p.amount_minor,
-               steps = p.steps || jsonb_build_array($3::text::jsonb), updated_at = now()
+               posted_at = $3, updated_at = now()
            FROM unnest($1::uuid[], $2::uuid[]) AS u (id, transaction_id)
            WHERE p.id = u.id AND p.status IN ('funds_reserved', 'risk_assessed')
-           RETURNING p.*""", list(payment_ids), list(transaction_ids), msgspec.json.encode(step).decode())
+           RETURNING p.*""", list(payment_ids), list(transaction_ids), at)
     return [_row(Payment, r) for r in rows]
 
 
@@ -601,58 +651,83 @@ async def insert_holds(conn: asyncpg.Connection, holds: Sequence[tuple[UUID, UUI
 
 
 async def insert_payments(conn: asyncpg.Connection, payments: Sequence[Mapping[str, Any]]) -> list[Payment]:
-    """Insert payment rows (the keys insert_payment takes) in one statement."""
+    """Insert payment rows (the keys of _INSERT_COLUMNS; history columns may be absent) in
+    one statement."""
     if not payments:
         return []
     rows = await conn.fetch(
         """INSERT INTO payments.payments (id, payer_id, from_account_id, to_account_id, currency, amount_minor,
-                                         description, status, hold_id, failure_reason, steps)
-           SELECT p.id, p.payer_id, p.from_account_id, p.to_account_id, p.currency, p.amount_minor, p.description,
-                  p.status, p.hold_id, p.failure_reason, p.steps::jsonb
-           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[],
-                       $8::text[], $9::uuid[], $10::text[], $11::text[])
-                AS p (id, payer_id, from_account_id, to_account_id, currency, amount_minor, description, status,
-                      hold_id, failure_reason, steps)
+                                         description, status, hold_id, failure_reason, reserved_at, failed_at,
+                                         failed_detail, device_id, ip, country)
+           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[],
+                                $8::text[], $9::uuid[], $10::text[], $11::timestamptz[], $12::timestamptz[],
+                                $13::text[], $14::text[], $15::text[], $16::text[])
            RETURNING *""",
-        *([p[k] for p in payments] for k in ("id", "payer_id", "from_account_id", "to_account_id", "currency",
-                                              "amount_minor", "description", "status", "hold_id", "failure_reason")),
-        [msgspec.json.encode(p["steps"]).decode() for p in payments])
+        *([p.get(k, "" if k in ("device_id", "ip", "country") else None) for p in payments] for k in _INSERT_COLUMNS))
     invariant(len(rows) == len(payments), "a payment was not inserted")
     by_id = {r["id"]: _row(Payment, r) for r in rows}
     return [by_id[p["id"]] for p in payments]
 
 
 class PaymentUpdate(msgspec.Struct, frozen=True, kw_only=True):
-    """One saga transition for update_payments: applied only from `expect`."""
+    """One saga transition for update_payments: applied only from `expect`.
+
+    `steps` are the statuses the transition records, in order, ending with `status`
+    (risk_assessed, posted and completed for a capture), all at `at`; `detail` goes to the
+    first of them that carries one."""
 
     id: UUID
     expect: str
     status: str
-    steps: list[dict[str, Any]]
+    steps: tuple[str, ...]
+    at: datetime
+    detail: str | None = None
     hold_id: UUID | None = None
     transaction_id: UUID | None = None
     captured_minor: int | None = None
     failure_reason: str | None = None
 
 
+_UPDATE_STEPS = tuple(STEP_COLUMNS.values())
+_UPDATE_DETAILS = tuple(DETAIL_COLUMNS.values())
+_UPDATE_PAYMENTS = f"""
+UPDATE payments.payments AS p
+SET status = u.status, hold_id = coalesce(u.hold_id, p.hold_id),
+    transaction_id = coalesce(u.transaction_id, p.transaction_id),
+    captured_minor = coalesce(u.captured_minor, p.captured_minor),
+    failure_reason = coalesce(u.failure_reason, p.failure_reason), updated_at = now(),
+    {", ".join(f"{c} = coalesce(u.{c}, p.{c})" for c in (*_UPDATE_STEPS, *_UPDATE_DETAILS))}
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::bigint[], $7::text[],
+            {", ".join(f"${8 + i}::timestamptz[]" for i in range(len(_UPDATE_STEPS)))},
+            {", ".join(f"${8 + len(_UPDATE_STEPS) + i}::text[]" for i in range(len(_UPDATE_DETAILS)))})
+     AS u (id, expect, status, hold_id, transaction_id, captured_minor, failure_reason,
+           {", ".join((*_UPDATE_STEPS, *_UPDATE_DETAILS))})
+WHERE p.id = u.id AND p.status = u.expect
+RETURNING p.*
+"""
+
+
 async def update_payments(conn: asyncpg.Connection, updates: Sequence[PaymentUpdate]) -> list[Payment]:
     """Apply saga transitions to many payments in one statement; each only from its `expect`
-    status (callers hold the row locks and checked it, so every update must apply)."""
+    status (callers hold the row locks and checked it, so every update must apply). Each
+    transition sets the history columns of its steps; no other step's column changes."""
     if not updates:
         return []
+    step_at: dict[str, list[datetime | None]] = {s: [] for s in STEP_COLUMNS}
+    details: dict[str, list[str | None]] = {s: [] for s in DETAIL_COLUMNS}
+    for u in updates:
+        invariant(bool(u.steps) and u.steps[-1] == u.status and set(u.steps) <= STEP_COLUMNS.keys(),
+                  f"payment {u.id}: steps {u.steps} do not end at {u.status}")
+        detailed = next((s for s in u.steps if s in DETAIL_COLUMNS), None)
+        for s, column in step_at.items():
+            column.append(u.at if s in u.steps else None)
+        for s, column in details.items():
+            column.append(u.detail[:STEP_DETAIL_MAX_CHARS] if u.detail and s == detailed else None)
     rows = await conn.fetch(
-        """UPDATE payments.payments AS p
-           SET status = u.status, steps = p.steps || u.steps::jsonb, hold_id = coalesce(u.hold_id, p.hold_id),
-               transaction_id = coalesce(u.transaction_id, p.transaction_id),
-               captured_minor = coalesce(u.captured_minor, p.captured_minor),
-               failure_reason = coalesce(u.failure_reason, p.failure_reason), updated_at = now()
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::bigint[], $8::text[])
-                AS u (id, expect, status, steps, hold_id, transaction_id, captured_minor, failure_reason)
-           WHERE p.id = u.id AND p.status = u.expect
-           RETURNING p.*""",
+        _UPDATE_PAYMENTS,
         [u.id for u in updates], [u.expect for u in updates], [u.status for u in updates],
-        [msgspec.json.encode(u.steps).decode() for u in updates], [u.hold_id for u in updates],
-        [u.transaction_id for u in updates], [u.captured_minor for u in updates], [u.failure_reason for u in updates])
+        [u.hold_id for u in updates], [u.transaction_id for u in updates], [u.captured_minor for u in updates],
+        [u.failure_reason for u in updates], *step_at.values(), *details.values())
     invariant(len(rows) == len(updates), f"{len(updates) - len(rows)} payment(s) changed state under their lock")
     by_id = {r["id"]: _row(Payment, r) for r in rows}
     return [by_id[u.id] for u in updates]

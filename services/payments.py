@@ -21,7 +21,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 from uuid import UUID
 
@@ -493,8 +493,8 @@ async def expire_holds(conn: asyncpg.Connection, *, as_of: datetime | None = Non
 async def _fail_payments_of(conn: asyncpg.Connection, payment_ids: Sequence[UUID], reason: str) -> None:
     """Fail open payments whose reservation went away (no saga stays open without funds)."""
     for payment_id in sorted(payment_ids):
-        payment = await db.update_payment_status(conn, payment_id, _OPEN_BEFORE_POSTING, "failed",
-                                                 _step("failed", reason), failure_reason=reason)
+        payment = await db.update_payment_status(conn, payment_id, _OPEN_BEFORE_POSTING, "failed", _now(),
+                                                 reason, failure_reason=reason)
         if payment is not None:
             await db.insert_outbox(conn, [events.payment_event(payment)])
 
@@ -511,16 +511,14 @@ _ADVANCE_FROM: Final[dict[str, tuple[str, ...]]] = {
 PAYMENT_HOLD_TTL_S: Final = DEFAULT_HOLD_TTL_S
 
 
-def _step(status: str, detail: str | None = None) -> dict[str, object]:
-    step: dict[str, object] = {"status": status, "at": datetime.now().astimezone().isoformat()}
-    if detail:
-        step["detail"] = detail[:200]
-    return step
+def _now() -> datetime:
+    """When a saga step happens (its history column; db.payments.Payment.steps)."""
+    return datetime.now(UTC)
 
 
 class PaymentContext(msgspec.Struct, frozen=True):
     """What the client sent with a payment request, for the fraud step (kept on the
-    payment's `initiated` step, so a saga re-driven from PostgreSQL still has it)."""
+    payment row, so a saga re-driven from PostgreSQL still has it)."""
 
     device_id: str = ""
     ip: str = ""
@@ -534,11 +532,8 @@ class PaymentContext(msgspec.Struct, frozen=True):
         return self
 
 
-def _initiated_step(context: PaymentContext | None) -> dict[str, object]:
-    step = _step("initiated")
-    if context is not None:
-        step.update((k, v) for k, v in msgspec.structs.asdict(context).items() if v)
-    return step
+def _context_columns(context: PaymentContext | None) -> dict[str, str]:
+    return msgspec.structs.asdict(context or PaymentContext())
 
 
 async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_id: UUID, from_account_id: UUID,
@@ -563,11 +558,11 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
             return existing
         fields = {"id": payment_id, "payer_id": payer_id, "from_account_id": from_account_id,
                   "to_account_id": to_account_id, "currency": currency, "amount_minor": amount_minor,
-                  "description": description}
+                  "description": description, **_context_columns(context)}
         if locked[from_account_id].available_minor < amount_minor:
             payment = await db.insert_payment(conn, {
                 **fields, "status": "failed", "hold_id": None, "failure_reason": "insufficient_funds",
-                "steps": [_initiated_step(context), _step("failed", "insufficient_funds")]})
+                "failed_at": _now(), "failed_detail": "insufficient_funds"})
             await db.insert_outbox(conn, [events.payment_event(payment, "initiated"),
                                                           events.payment_event(payment)])
             return payment
@@ -576,7 +571,7 @@ async def initiate_payment(conn: asyncpg.Connection, *, payment_id: UUID, payer_
                       currency=currency, ttl_s=hold_ttl_s, reference_id=payment_id)
         payment = await db.insert_payment(conn, {
             **fields, "status": "funds_reserved", "hold_id": hold_id, "failure_reason": None,
-            "steps": [_initiated_step(context), _step("funds_reserved")]})
+            "reserved_at": _now()})
         await db.insert_outbox(conn, [events.payment_event(payment, "initiated"),
                                                       events.payment_event(payment)])
     return payment
@@ -601,8 +596,11 @@ async def advance_payment(conn: asyncpg.Connection, payment_id: UUID, status: st
     """
     if status not in _ADVANCE_FROM:
         raise InvalidRequest(f"cannot advance a payment to {status!r}", field="status")
+    if detail and status not in db.DETAIL_COLUMNS:
+        raise InvalidRequest(f"a {status} step carries no detail", field="detail")
     async with conn.transaction():
-        payment = await db.update_payment_status(conn, payment_id, _ADVANCE_FROM[status], status, _step(status, detail))
+        payment = await db.update_payment_status(conn, payment_id, _ADVANCE_FROM[status], status, _now(),
+                                                 detail or None)
         if payment is None:
             current = await get_payment(conn, payment_id)
             if current.status == status:
@@ -656,7 +654,7 @@ async def capture_payments(conn: asyncpg.Connection, payment_ids: Sequence[UUID]
 
 async def _mark_posted(conn: asyncpg.Connection, payments: list[Payment]) -> dict[UUID, Payment]:
     rows = await db.mark_payments_posted(conn, [p.id for p in payments],
-                                         [derived_id(p.id, "capture") for p in payments], _step("posted"))
+                                         [derived_id(p.id, "capture") for p in payments], _now())
     await db.insert_outbox(conn, [events.payment_event(p) for p in rows])
     return {p.id: p for p in rows}
 
@@ -685,8 +683,8 @@ async def fail_payment(conn: asyncpg.Connection, payment_id: UUID, reason: str) 
             hold = await db.get_hold(conn, payment.hold_id)
             if hold is not None and hold.status == "pending":
                 await void_hold(conn, payment.hold_id)
-        failed = await db.update_payment_status(conn, payment_id, _OPEN_BEFORE_POSTING, "failed",
-                                                _step("failed", reason), failure_reason=reason)
+        failed = await db.update_payment_status(conn, payment_id, _OPEN_BEFORE_POSTING, "failed", _now(),
+                                                reason, failure_reason=reason)
         if failed is None:
             raise InvalidState("payment changed state meanwhile; retry")
         await db.insert_outbox(conn, [events.payment_event(failed)])
@@ -808,7 +806,8 @@ async def _initiate_locked(conn: asyncpg.Connection, requests: Sequence[PaymentR
               for h in holds.values()]
     if ledger:
         await db.write_journal(conn, locked, [], reserved, events.ledger_envelopes(ledger))
-    rows = [_new_payment_row(requests[i], ok) for i, ok in fresh.values()]
+    at = _now()
+    rows = [_new_payment_row(requests[i], ok, at) for i, ok in fresh.values()]
     created = {p.id: p for p in await db.insert_payments(conn, rows)}
     await db.insert_outbox(conn, events.payment_envelopes(
         [m for p in created.values() for m in (events.payment_event(p, "initiated"), events.payment_event(p))]))
@@ -903,15 +902,14 @@ def _same_request(r: PaymentRequest, p: Payment) -> bool:
     return _request_key(r) == (p.payer_id, p.from_account_id, p.to_account_id, p.amount_minor, p.currency)
 
 
-def _new_payment_row(r: PaymentRequest, reserved: bool) -> dict[str, Any]:
-    first = _initiated_step(r.context)
-    last = _step("funds_reserved") if reserved else _step("failed", "insufficient_funds")
+def _new_payment_row(r: PaymentRequest, reserved: bool, at: datetime) -> dict[str, Any]:
     return {"id": r.payment_id, "payer_id": r.payer_id, "from_account_id": r.from_account_id,
             "to_account_id": r.to_account_id, "currency": r.currency, "amount_minor": r.amount_minor,
             "description": r.description, "status": "funds_reserved" if reserved else "failed",
             "hold_id": derived_id(r.payment_id, "hold") if reserved else None,
             "failure_reason": None if reserved else "insufficient_funds",
-            "steps": [first, last]}
+            "reserved_at": at if reserved else None, "failed_at": None if reserved else at,
+            "failed_detail": None if reserved else "insufficient_funds", **_context_columns(r.context)}
 
 
 class RiskOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -946,12 +944,15 @@ class _SettlePlan:
     new_holds: list[tuple[UUID, UUID, str, int, int, UUID | None]]
     ledger: list[events.LedgerOutbox]
     updates: list[db.PaymentUpdate]
+    at: datetime  # when this transaction's steps happen (their history columns)
+    captured: set[UUID]  # payments this transaction captures (and completes)
 
 
 async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome]) -> list[SettleResult]:
     """Apply risk outcomes to many payments, in order, one transaction per round.
 
-    capture: risk_assessed and posted at once (the hold moves to the payee); review: the
+    capture: risk_assessed, posted and completed at once (the hold moves to the payee and
+    the saga ends in the same transaction; the three step events go out in that order); review: the
     payment waits under_review with its money still reserved (the hold is replaced by one
     that lasts REVIEW_HOLD_TTL_S); fail: the hold is voided and the payment fails with
     `reason`. An outcome for a payment that is not in its `expect` status (a late or
@@ -1002,7 +1003,7 @@ async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome],
     locked = await db.lock_balances(conn, accounts)
     holds, db_now = await db.lock_holds(conn, [seen[o.payment_id].hold_id for o in todo if seen[o.payment_id].hold_id])
     current = await db.lock_payments(conn, [o.payment_id for o in todo])
-    plan = _SettlePlan([], defaultdict(int), [], [], [], [])
+    plan = _SettlePlan([], defaultdict(int), [], [], [], [], _now(), set())
     work = _Working(locked)
     for o in todo:
         p = current[o.payment_id]
@@ -1029,8 +1030,12 @@ async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome],
     updated = await db.update_payments(conn, plan.updates)
     messages: list[OutboxMessage] = []
     for p in updated:
-        if p.status == "posted" and seen[p.id].status != "risk_assessed":
-            messages.append(events.payment_event(p, "risk_assessed"))
+        if p.id in plan.captured:
+            # Every step is an event, in saga order: consumers and WebSocket clients see
+            # posted before completed although one transaction recorded both.
+            if seen[p.id].status != "risk_assessed":
+                messages.append(events.payment_event(p, "risk_assessed"))
+            messages.append(events.payment_event(p, "posted"))
         messages.append(events.payment_event(p))
     await db.insert_outbox(conn, events.payment_envelopes(messages))
     return {p.id: p for p in updated}
@@ -1054,9 +1059,13 @@ def _plan_capture(plan: _SettlePlan, p: db.PaymentHead, o: RiskOutcome, hold: Ho
     plan.resolutions.append((hold.id, "posted", p.amount_minor, p.to_account_id, request.id))
     plan.ledger += [events.transaction_posted(plan.entries[-1]),
                     events.hold_resolved(hold, "posted", p.amount_minor, request.id)]
-    steps = [_step("posted")] if p.status == "risk_assessed" else [_step("risk_assessed", o.detail), _step("posted")]
-    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="posted", steps=steps,
-                                         transaction_id=request.id, captured_minor=p.amount_minor))
+    # Posted and completed together: nothing is left to do between them, so the saga ends
+    # here rather than in another transaction after another Kafka hop.
+    steps = ("posted", "completed") if p.status == "risk_assessed" else ("risk_assessed", "posted", "completed")
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="completed", steps=steps, at=plan.at,
+                                         detail=o.detail or None, transaction_id=request.id,
+                                         captured_minor=p.amount_minor))
+    plan.captured.add(p.id)
 
 
 def _plan_review(plan: _SettlePlan, p: db.PaymentHead, o: RiskOutcome, hold: Hold) -> None:
@@ -1068,25 +1077,34 @@ def _plan_review(plan: _SettlePlan, p: db.PaymentHead, o: RiskOutcome, hold: Hol
     plan.new_holds.append((review_hold, p.from_account_id, p.currency, p.amount_minor, REVIEW_HOLD_TTL_S, p.id))
     plan.reserved[p.from_account_id] += p.amount_minor - hold.amount_minor
     plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="under_review",
-                                         steps=[_step("under_review", o.detail)], hold_id=review_hold))
+                                         steps=("under_review",), at=plan.at, detail=o.detail or None,
+                                         hold_id=review_hold))
 
 
 def _plan_fail(plan: _SettlePlan, p: db.PaymentHead, hold: Hold, hold_status: str, reason: str, detail: str = "") -> None:
     plan.resolutions.append((hold.id, hold_status, None, None, None))
     plan.ledger.append(events.hold_resolved(hold, hold_status, None, None))
     plan.reserved[p.from_account_id] -= hold.amount_minor
-    step = _step("failed", f"{reason}: {detail}" if detail else reason)
-    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="failed", steps=[step],
-                                         failure_reason=reason))
+    plan.updates.append(db.PaymentUpdate(id=p.id, expect=p.status, status="failed", steps=("failed",), at=plan.at,
+                                         detail=f"{reason}: {detail}" if detail else reason, failure_reason=reason))
 
 
 async def complete_payments(conn: asyncpg.Connection, payment_ids: Sequence[UUID]) -> list[Payment]:
-    """Close the saga of posted payments (the last step); others are left alone."""
+    """Close the saga of posted payments (the last step); others are left alone.
+
+    The saga's captures complete in their own transaction (settle_risk), so this only
+    closes payments posted otherwise (capture_payments, or rows an older version left at
+    `posted`): an unlocked read first, and no transaction when none is posted."""
     invariant(len(payment_ids) <= SAGA_BATCH_MAX, "complete batch too large")
+    heads = await db.payment_heads(conn, payment_ids)
+    posted = [pid for pid, p in heads.items() if p.status == "posted"]
+    if not posted:
+        return []
     async with conn.transaction():
-        current = await db.lock_payments(conn, payment_ids)
+        current = await db.lock_payments(conn, posted)
+        at = _now()
         done = await db.update_payments(conn, [
-            db.PaymentUpdate(id=p.id, expect="posted", status="completed", steps=[_step("completed")])
+            db.PaymentUpdate(id=p.id, expect="posted", status="completed", steps=("completed",), at=at)
             for p in current.values() if p.status == "posted"])
         await db.insert_outbox(conn, events.payment_envelopes([events.payment_event(p) for p in done]))
     return done

@@ -155,9 +155,8 @@ def ledger_balance(balance: Balance) -> OutboxMessage:
 # ------------------------------------------------------------------------ payment events
 
 def payment_context(payment: Payment) -> dict[str, str]:
-    """Device, IP and country the request came with (kept on the `initiated` step)."""
-    first = payment.steps[0] if payment.steps else {}
-    return {name: str(first.get(name) or "") for name in ("device_id", "ip", "country")}
+    """Device, IP and country the request came with (kept on the payment row)."""
+    return {"device_id": payment.device_id, "ip": payment.ip, "country": payment.country}
 
 
 def payment_step(payment: Payment, status: str | None = None) -> PaymentStep:

@@ -9,10 +9,17 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from db import payments as db
 from db.payments import system_account_id
 from services import payments
 from services.payments import TransferRequest
-from tests.integration.test_payments_support import assert_ledger_sound, available, deposit, funded_wallet
+from streams.payments import PAYMENTS, items_of
+from tests.integration.test_payments_support import (
+    assert_ledger_sound,
+    available,
+    deposit,
+    funded_wallet,
+)
 
 
 @pytest.fixture
@@ -218,6 +225,57 @@ async def test_hold_past_expiry_cannot_post_before_the_sweeper_runs(conn: asyncp
 
 
 # ----------------------------------------------------------------------------- payments
+
+async def test_a_captured_payment_posts_and_completes_in_one_transaction(conn: asyncpg.Connection) -> None:
+    payer, payee = await funded_wallet(conn, 1_000), await funded_wallet(conn, 0)
+    assert payer.owner_id is not None
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    await payments.initiate_payments(conn, [payments.PaymentRequest(
+        payment_id=pid, payer_id=payer.owner_id, from_account_id=payer.id, to_account_id=payee.id,
+        amount_minor=300, currency="INR") for pid in ids])
+    last_row = await conn.fetchval("SELECT max(id) FROM payments.outbox")
+    capture = [payments.RiskOutcome(payment_id=pid, expect="funds_reserved", action="capture", detail="model allow score 3")
+               for pid in ids]
+    settled = await payments.settle_risk(conn, capture)
+    assert [(r.applied, r.status) for r in settled] == [(True, "completed")] * 2
+    for pid in ids:
+        # The journal transaction and the completed payment row were written by the same
+        # PostgreSQL transaction.
+        xmins = await conn.fetchrow(
+            "SELECT p.xmin::text AS payment, t.xmin::text AS capture FROM payments.payments p "
+            "JOIN payments.transactions t ON t.id = p.transaction_id WHERE p.id = $1", pid)
+        assert xmins["payment"] == xmins["capture"]
+        (p,) = (await db.get_payments(conn, [pid])).values()
+        assert [(s["status"], s.get("detail")) for s in p.steps] == [
+            ("initiated", None), ("funds_reserved", None), ("risk_assessed", "model allow score 3"), ("posted", None),
+            ("completed", None)]
+        assert p.posted_at == p.completed_at and p.captured_minor == 300
+    # Every step still goes out, in saga order per payment, in the capture's one outbox row.
+    rows = await conn.fetch("SELECT payload::text AS payload FROM payments.outbox "
+                            "WHERE topic = 'payments.events' AND id > $1", last_row)
+    assert len(rows) == 1
+    sent = items_of(PAYMENTS.decode(rows[0]["payload"].encode()))
+    for pid in ids:
+        assert [e.status for e in sent if e.payment_id == pid] == ["risk_assessed", "posted", "completed"]
+    # Nothing is left for the completion step, and a redelivered decision changes nothing.
+    before = await conn.fetchval("SELECT max(id) FROM payments.outbox")
+    assert await payments.complete_payments(conn, ids) == []
+    assert [r.applied for r in await payments.settle_risk(conn, capture)] == [False, False]
+    assert await conn.fetchval("SELECT max(id) FROM payments.outbox") == before
+    assert (await available(conn, payer.id), await available(conn, payee.id)) == (400, 600)
+
+
+async def test_complete_payments_closes_a_payment_left_posted(conn: asyncpg.Connection) -> None:
+    payer, payee = await funded_wallet(conn, 1_000), await funded_wallet(conn, 0)
+    assert payer.owner_id is not None
+    pid = uuid.uuid4()
+    await payments.initiate_payment(conn, payment_id=pid, payer_id=payer.owner_id, from_account_id=payer.id,
+                                    to_account_id=payee.id, amount_minor=250, currency="INR")
+    assert (await payments.capture_payment(conn, pid)).status == "posted"
+    (done,) = await payments.complete_payments(conn, [pid, pid])
+    assert done.status == "completed" and [s["status"] for s in done.steps][-2:] == ["posted", "completed"]
+    assert await payments.complete_payments(conn, [pid]) == []
+
 
 async def test_payment_saga_steps_and_full_capture(conn: asyncpg.Connection) -> None:
     payer = await funded_wallet(conn, 1_000)

@@ -4,17 +4,27 @@ reconcile catching a projection broken on purpose."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from db import payments as db
+from db.migrate import MIGRATIONS_DIR, migrate
 from db.payments import SYSTEM_ACCOUNT_KINDS, system_account_id
 from services import payments
 from services.money import CURRENCY_EXPONENTS
 from services.payments import TransferRequest
-from tests.integration.test_payments_support import assert_ledger_sound, available, funded_wallet
+from tests.integration.test_payments_support import (
+    assert_ledger_sound,
+    available,
+    funded_wallet,
+)
 
 
 @pytest.fixture
@@ -221,3 +231,67 @@ async def test_a_thousand_concurrent_transfers_on_one_hot_wallet(pg_pool: asyncp
         statement = await payments.statement(conn, hot.id, limit=200)
         assert statement.entries[0].balance_after_minor == await available(conn, hot.id)
         await assert_ledger_sound(conn)
+
+
+async def test_migration_0002_moves_jsonb_step_histories_into_columns(database_url: str, tmp_path: Path) -> None:
+    """A database at payments/0001 with payments whose history is the old `steps` jsonb:
+    after 0002 the API's history (Payment.steps) is the same steps, times and details."""
+    fresh = f"m0002_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    await admin.execute(f'CREATE DATABASE "{fresh}"')
+    url = database_url.rsplit("/", 1)[0] + f"/{fresh}"
+    try:
+        old_root = tmp_path / "migrations"
+        for service, version in (("foundation", "0001_schemas"), ("payments", "0001_ledger")):
+            (old_root / service).mkdir(parents=True, exist_ok=True)
+            shutil.copy(MIGRATIONS_DIR / service / f"{version}.sql", old_root / service)
+        assert await migrate(url, old_root, services={"payments"}) == ["foundation/0001_schemas", "payments/0001_ledger"]
+        conn = await asyncpg.connect(url)
+        try:
+            payer, payee = await funded_wallet(conn, 1_000), await funded_wallet(conn, 0)
+            capture = uuid.uuid4()
+            await payments.transfer(conn, TransferRequest(id=capture, from_account_id=payer.id,
+                                                          to_account_id=payee.id, amount_minor=700, currency="INR"))
+            t0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+            def at(s: int) -> str:
+                return (t0 + timedelta(seconds=s)).isoformat()
+
+            histories = {
+                "completed": [{"status": "initiated", "at": at(0), "device_id": "dev-1", "country": "IN"},
+                              {"status": "funds_reserved", "at": at(0)},
+                              {"status": "under_review", "at": at(1), "detail": "model review score 61"},
+                              {"status": "risk_assessed", "at": at(9), "detail": "review allow score 61"},
+                              {"status": "posted", "at": at(9)}, {"status": "completed", "at": at(10)}],
+                "failed": [{"status": "initiated", "at": at(0), "ip": "10.0.0.1"},
+                           {"status": "failed", "at": at(0), "detail": "insufficient_funds"}],
+            }
+            ids = {status: uuid.uuid4() for status in histories}
+            for status, steps in histories.items():
+                done = status == "completed"
+                await conn.execute(
+                    "INSERT INTO payments.payments (id, payer_id, from_account_id, to_account_id, currency, amount_minor,"
+                    " status, transaction_id, captured_minor, failure_reason, steps, created_at) "
+                    "VALUES ($1, $2, $3, $4, 'INR', 700, $5, $6, $7, $8, $9::text::jsonb, $10)",
+                    ids[status], payer.owner_id, payer.id, payee.id, status, capture if done else None,
+                    700 if done else 0, None if done else "insufficient_funds", json.dumps(steps), t0)
+        finally:
+            await conn.close()
+        assert await migrate(url, services={"payments"}) == ["payments/0002_payment_step_columns"]
+        conn = await asyncpg.connect(url)
+        try:
+            migrated = await db.get_payments(conn, ids.values())
+            assert "steps" not in {r["column_name"] for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'payments' "
+                "AND table_name = 'payments'")}
+        finally:
+            await conn.close()
+        for status, steps in histories.items():
+            got = migrated[ids[status]].steps
+            assert [(s["status"], datetime.fromisoformat(s["at"]), s.get("detail")) for s in got] == [
+                (s["status"], datetime.fromisoformat(s["at"]), s.get("detail")) for s in steps]
+            assert {k: v for k, v in got[0].items() if k not in ("status", "at")} == {
+                k: v for k, v in steps[0].items() if k not in ("status", "at")}
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        await admin.close()
