@@ -408,3 +408,161 @@ def check_payee_row(row: np.ndarray) -> None:
     assert row.shape == (PAYEE_WIDTH,), f"payee row has {row.shape}, expected ({PAYEE_WIDTH},)"
     assert row[PE_VERSION] == LAYOUT_VERSION, f"payee row layout {row[PE_VERSION]} != {LAYOUT_VERSION}"
     assert 0 <= row[PE_DEDUPE_NEXT] < DEDUPE_K and row[PE_SEEN] >= 0
+
+
+# ---------------------------------------------------------------------------- entity rows
+# One layout for the paying user, the device and the IP (tables/fraud.py keeps them in one
+# table under "user:<id>", "device:<id>", "ip:<id>"): the three windows of the payer row
+# (count, sum, failed attempts), the last-seen time of the most recent distinct "others"
+# (for a user: its wallets; for a device or an IP: the users on it) and a dedupe ring.
+#
+# * user_* : the user's payments across all of its wallets (a takeover spread over
+#   wallets, a user cycling wallets: user_wallets_1h);
+# * device_* / ip_* : every payment from the device / IP, whoever made it, and
+#   device_users_1h/_24h, ip_users_1h/_24h: distinct users whose latest payment from it is
+#   less than the window old (exact times, capped at DISTINCT_K) -- the shared-device /
+#   account-takeover signal (one attacker device hitting several accounts).
+ENTITY_KINDS = ("user", "device", "ip")
+ENTITY_OTHER = ("wallets", "users", "users")  # what the distinct count counts, per kind
+DISTINCT_K = 32
+E_Q = 3  # count, sum, failed per window bucket
+EQ_COUNT, EQ_SUM, EQ_FAILED = 0, 1, 2
+E_VERSION = 0
+E_LAST_TS = 1
+E_SEEN = 2
+E_DEDUPE_NEXT = 3
+E_HEADER = 4
+
+
+def _entity_window_offsets() -> tuple[int, ...]:
+    offsets, at = [], E_HEADER
+    for n in N_BUCKETS:
+        offsets.append(at)
+        at += 1 + E_Q + int(n) * E_Q
+    return (*offsets, at)
+
+
+_EW = _entity_window_offsets()
+EW0, EW1, EW2 = _EW[0], _EW[1], _EW[2]
+E_DISTINCT = _EW[3]  # [other hash K][last seen K]
+E_DEDUPE = E_DISTINCT + 2 * DISTINCT_K
+ENTITY_WIDTH = E_DEDUPE + DEDUPE_K
+
+# Columns of one entity kind's features (entity_update's out[:, j]); the feature names are
+# "<kind>_<suffix>", with the distinct count named after what it counts.
+ENTITY_SUFFIXES = ("count_1m", "count_1h", "count_24h", "sum_1m", "sum_1h", "sum_24h",
+                   "failed_1h", "failed_24h", "{other}_1h", "{other}_24h")
+N_ENTITY_FEATURES = len(ENTITY_SUFFIXES)
+ENTITY_FEATURES = tuple(f"{kind}_{suffix.format(other=other)}"
+                        for kind, other in zip(ENTITY_KINDS, ENTITY_OTHER, strict=True)
+                        for suffix in ENTITY_SUFFIXES)
+
+
+def new_entity_rows(n: int) -> np.ndarray:
+    rows = np.zeros((n, ENTITY_WIDTH), dtype=np.float64)
+    rows[:, E_VERSION] = LAYOUT_VERSION
+    return rows
+
+
+@njit(cache=True, inline="always")
+def _distinct_touch(row: np.ndarray, base: int, k: int, h: int, t: float) -> None:
+    """Refresh `h`'s last-seen time, or give it the slot seen longest ago (empty first)."""
+    if h == 0:
+        return
+    value = float(h)
+    victim = 0
+    oldest = np.inf
+    for i in range(k):
+        stored = row[base + i]
+        if stored == value:
+            row[base + k + i] = t
+            return
+        if stored == 0.0:
+            if oldest > -1.0:
+                victim, oldest = i, -1.0
+        elif row[base + k + i] < oldest:
+            victim, oldest = i, row[base + k + i]
+    row[base + victim] = value
+    row[base + k + victim] = t
+
+
+@njit(cache=True, inline="always")
+def _distinct_within(row: np.ndarray, base: int, k: int, t: float, window_ms: float) -> float:
+    n = 0.0
+    for i in range(k):
+        if row[base + i] != 0.0 and t - row[base + k + i] < window_ms:
+            n += 1.0
+    return n
+
+
+@njit(cache=True, inline="always")
+def _entity_step(row: np.ndarray, ts_ms: int, amount: int, failed: int, other_h: int, out: np.ndarray) -> None:
+    t = max(float(ts_ms), row[E_LAST_TS])
+    t_int = int(t)
+    bases = (EW0, EW1, EW2)
+    for w in range(3):
+        base = bases[w]
+        n_b = int(N_BUCKETS[w])
+        _advance(row, base, E_Q, n_b, t_int // int(BUCKET_MS[w]))
+        _add(row, base, E_Q, n_b, EQ_COUNT, 1.0)
+        _add(row, base, E_Q, n_b, EQ_SUM, float(amount))
+        _add(row, base, E_Q, n_b, EQ_FAILED, float(failed))
+    _distinct_touch(row, E_DISTINCT, DISTINCT_K, other_h, t)
+    out[0] = row[EW0 + 1 + EQ_COUNT]
+    out[1] = row[EW1 + 1 + EQ_COUNT]
+    out[2] = row[EW2 + 1 + EQ_COUNT]
+    out[3] = row[EW0 + 1 + EQ_SUM]
+    out[4] = row[EW1 + 1 + EQ_SUM]
+    out[5] = row[EW2 + 1 + EQ_SUM]
+    out[6] = row[EW1 + 1 + EQ_FAILED]
+    out[7] = row[EW2 + 1 + EQ_FAILED]
+    out[8] = _distinct_within(row, E_DISTINCT, DISTINCT_K, t, FANIN_WINDOWS_MS[0])
+    out[9] = _distinct_within(row, E_DISTINCT, DISTINCT_K, t, FANIN_WINDOWS_MS[1])
+    row[E_SEEN] += 1.0
+    row[E_LAST_TS] = t
+
+
+@njit(cache=True)
+def entity_update(rows: np.ndarray, row_idx: np.ndarray, ts_ms: np.ndarray, amount: np.ndarray,
+                  failed: np.ndarray, other_h: np.ndarray, payment_h: np.ndarray, out: np.ndarray,
+                  dup: np.ndarray) -> None:
+    """Apply payments i = 0..n-1 in order to entity rows[row_idx[i]] (user, device or IP:
+    one layout); features to out[i] (ENTITY_SUFFIXES order). `other_h` is what the
+    distinct count counts: the payer wallet for a user row, the user for a device / IP row."""
+    scratch = np.empty(rows.shape[1], dtype=np.float64)
+    for i in range(row_idx.shape[0]):
+        row = rows[row_idx[i]]
+        if _seen(row, E_DEDUPE, DEDUPE_K, payment_h[i]):
+            dup[i] = True
+            scratch[:] = row
+            _entity_step(scratch, ts_ms[i], amount[i], failed[i], other_h[i], out[i])
+            continue
+        dup[i] = False
+        _entity_step(row, ts_ms[i], amount[i], failed[i], other_h[i], out[i])
+        _remember(row, E_DEDUPE, DEDUPE_K, E_DEDUPE_NEXT, payment_h[i])
+
+
+@njit(cache=True)
+def entity_windows_at(row: np.ndarray, now_ms: int, out: np.ndarray) -> None:
+    """An entity row's features (ENTITY_SUFFIXES order) as of `now_ms`, the row unchanged."""
+    scratch = row.copy()
+    t = max(float(now_ms), scratch[E_LAST_TS])
+    bases = (EW0, EW1, EW2)
+    for w in range(3):
+        _advance(scratch, bases[w], E_Q, int(N_BUCKETS[w]), int(t) // int(BUCKET_MS[w]))
+    out[0] = scratch[EW0 + 1 + EQ_COUNT]
+    out[1] = scratch[EW1 + 1 + EQ_COUNT]
+    out[2] = scratch[EW2 + 1 + EQ_COUNT]
+    out[3] = scratch[EW0 + 1 + EQ_SUM]
+    out[4] = scratch[EW1 + 1 + EQ_SUM]
+    out[5] = scratch[EW2 + 1 + EQ_SUM]
+    out[6] = scratch[EW1 + 1 + EQ_FAILED]
+    out[7] = scratch[EW2 + 1 + EQ_FAILED]
+    out[8] = _distinct_within(scratch, E_DISTINCT, DISTINCT_K, t, FANIN_WINDOWS_MS[0])
+    out[9] = _distinct_within(scratch, E_DISTINCT, DISTINCT_K, t, FANIN_WINDOWS_MS[1])
+
+
+def check_entity_row(row: np.ndarray) -> None:
+    assert row.shape == (ENTITY_WIDTH,), f"entity row has {row.shape}, expected ({ENTITY_WIDTH},)"
+    assert row[E_VERSION] == LAYOUT_VERSION, f"entity row layout {row[E_VERSION]} != {LAYOUT_VERSION}"
+    assert 0 <= row[E_DEDUPE_NEXT] < DEDUPE_K and row[E_SEEN] >= 0

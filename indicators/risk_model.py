@@ -1,7 +1,8 @@
 """Risk score and rules: one Numba call scores and decides a whole batch of payments.
 
 Input: the feature matrix ``X[n, N_FEATURES]`` (columns named by ``FEATURES``: the payer
-features, the payee features, then ``score``, which :func:`score_batch` fills in).
+features, the payee features, the user / device / IP features, then ``score``, which
+:func:`score_batch` fills in).
 
 **Model** (logistic regression, weights from ``ops/models/fraud_weights.json``):
 each model feature is transformed (``T_IDENTITY``, ``T_LOG1P`` for counts, sums and
@@ -25,12 +26,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from indicators.fraud_features import N_PAYER_FEATURES, PAYEE_FEATURES, PAYER_FEATURES
+from indicators.fraud_features import (
+    ENTITY_FEATURES,
+    N_ENTITY_FEATURES,
+    N_PAYEE_FEATURES,
+    N_PAYER_FEATURES,
+    PAYEE_FEATURES,
+    PAYER_FEATURES,
+)
 
-FEATURES: tuple[str, ...] = (*PAYER_FEATURES, *PAYEE_FEATURES, "score")
+FEATURES: tuple[str, ...] = (*PAYER_FEATURES, *PAYEE_FEATURES, *ENTITY_FEATURES, "score")
 N_FEATURES = len(FEATURES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
 PAYEE_COL = N_PAYER_FEATURES
+# First column of each entity kind's block (indicators.fraud_features.ENTITY_KINDS order).
+ENTITY_COL = PAYEE_COL + N_PAYEE_FEATURES
+ENTITY_COLS = tuple(ENTITY_COL + k * N_ENTITY_FEATURES for k in range(3))
 SCORE_COL = N_FEATURES - 1
 
 ALLOW, REVIEW, BLOCK = 0, 1, 2

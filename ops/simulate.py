@@ -6,13 +6,18 @@
 
 Normal users pay their usual contacts and merchants from their own devices, IPs and
 country, with log-normal amounts, the odd new device, trip abroad, new contact, legit
-large purchase and failed attempt. Four fraud patterns are injected until they make up
-`--fraud-rate` of the payments (every payment of an episode is labelled fraud):
+large purchase and failed attempt; some share a device with another user (a household
+tablet) and some payments come from shared public IPs (cafés, carrier NAT), so a device
+or IP seen with several users is not by itself fraud. Four fraud patterns are injected
+until they make up `--fraud-rate` of the payments (every payment of an episode is
+labelled fraud):
 
-* account takeover: a victim's wallet, from a new device, IP and often country, after
-  failed attempts; a burst of 3-8 payments within minutes to new wallets, well above the
-  victim's usual amount;
-* card testing: 3-6 small payments within minutes, then one or two large ones;
+* account takeover: a campaign from one attacker device and IP (often abroad) that takes
+  over 1-3 victims' wallets in turn, minutes apart; each victim, after failed attempts,
+  makes a burst of 3-8 payments within minutes to new wallets, well above their usual
+  amount (the device and IP are new to each victim and shared across the accounts);
+* card testing: from one device and IP, 1-3 wallets (a victim's or fresh ones) each make
+  3-6 small payments within minutes, then one or two large ones;
 * mule fan-in: 8-25 different payers (recruited or compromised accounts, from their
   own devices) pay one new wallet within the hour;
 * amount outlier: a user pays a new wallet 15-60x their usual amount.
@@ -48,7 +53,7 @@ from indicators import fraud_features as ff
 from indicators import risk_model as rm
 from ops.settings import Settings
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PATTERNS = ("normal", "account_takeover", "card_testing", "mule_fan_in", "amount_outlier")
 # Share of fraud payments per pattern (in PATTERNS order, normal excluded).
 PATTERN_SHARES = (0.3, 0.25, 0.25, 0.2)
@@ -68,6 +73,11 @@ MODEL_FEATURES: tuple[tuple[str, str], ...] = (
     ("new_payee", "identity"), ("new_device", "identity"), ("new_ip", "identity"), ("new_country", "identity"),
     ("small_then_large", "log1p"),
     ("payee_fanin_1h", "log1p"), ("payee_fanin_24h", "log1p"), ("payee_count_1h", "log1p"),
+    # Device and IP: payments, distinct users and failed attempts from them. The user_*
+    # features are left to rules: here every user has one wallet, so they repeat the payer's.
+    ("device_count_1h", "log1p"), ("device_users_1h", "log1p"), ("device_users_24h", "log1p"),
+    ("device_failed_1h", "log1p"), ("ip_count_1h", "log1p"), ("ip_users_1h", "log1p"),
+    ("ip_users_24h", "log1p"), ("ip_failed_1h", "log1p"),
 )
 L2 = 1.0
 # Thresholds chosen on the training traffic: block where precision reaches this.
@@ -121,6 +131,11 @@ class _Gen:
             user.contacts = [self.users[i].wallet for i in others.tolist() if self.users[i].wallet != user.wallet]
             shops = self.rng.choice(self.merchants, size=int(self.rng.integers(1, 5)), replace=False)
             user.contacts += [int(m) for m in shops]
+        # Households: some users also pay from another user's device.
+        for user in self.users:
+            if self.rng.random() < 0.05:
+                user.devices.append(self.users[int(self.rng.integers(0, n_users))].devices[0])
+        self.public_ips = [f"pub-ip-{k}" for k in range(max(3, n_users // 40))]
 
     def _wallet(self) -> int:
         self.n_wallets += 1
@@ -169,9 +184,11 @@ class _Gen:
         # Now and then a legitimately large purchase, to a known payee.
         factor = float(rng.uniform(3, 8)) if rng.random() < 0.02 else 1.0
         failed = int(rng.choice([0, 1, 2], p=[0.94, 0.05, 0.01]))
+        ip = user.ips[int(rng.integers(0, len(user.ips)))] if rng.random() > 0.05 else \
+            self.public_ips[int(rng.integers(0, len(self.public_ips)))]
         self._add(ts, user.wallet, payee, self._amount(user, factor), failed,
                   user.devices[int(rng.integers(0, len(user.devices)))] if rng.random() > 0.02 else user.devices[-1],
-                  user.ips[int(rng.integers(0, len(user.ips)))], country, 0)
+                  ip, country, 0)
 
     # -- fraud patterns
     def _start(self) -> int:
@@ -180,41 +197,50 @@ class _Gen:
 
     def account_takeover(self) -> int:
         rng = self.rng
-        victim = self.users[int(rng.integers(0, len(self.users)))]
         t = self._start()
+        # One attacker device and IP for the whole campaign: new to every victim, shared
+        # across their accounts within the hour.
         device, ip = f"atk-dev-{len(self.events)}", f"atk-ip-{len(self.events)}"
-        country = victim.country if rng.random() < 0.3 else str(rng.choice(COUNTRIES))
-        payees = [self._wallet() for _ in range(int(rng.integers(1, 4)))]
-        n = int(rng.integers(3, 9))
-        for k in range(n):
-            t += int(rng.integers(10_000, 3 * MINUTE_MS))
-            failed = int(rng.integers(1, 4)) if k == 0 else int(rng.integers(0, 2))
-            self._add(t, victim.wallet, payees[k % len(payees)], self._amount(victim, float(rng.uniform(3, 20))),
-                      failed, device, ip, country, 1)
+        attacker_country = str(rng.choice(COUNTRIES))
+        n = 0
+        for _ in range(int(rng.integers(1, 4))):
+            victim = self.users[int(rng.integers(0, len(self.users)))]
+            country = victim.country if rng.random() < 0.3 else attacker_country
+            payees = [self._wallet() for _ in range(int(rng.integers(1, 4)))]
+            burst = int(rng.integers(3, 9))
+            for k in range(burst):
+                t += int(rng.integers(10_000, 3 * MINUTE_MS))
+                failed = int(rng.integers(1, 4)) if k == 0 else int(rng.integers(0, 2))
+                self._add(t, victim.wallet, payees[k % len(payees)],
+                          self._amount(victim, float(rng.uniform(3, 20))), failed, device, ip, country, 1)
+            n += burst
+            t += int(rng.integers(2 * MINUTE_MS, 20 * MINUTE_MS))
         return n
 
     def card_testing(self) -> int:
         rng = self.rng
-        if rng.random() < 0.5:
-            user = self.users[int(rng.integers(0, len(self.users)))]
-            wallet, device, ip, country = user.wallet, f"ct-dev-{len(self.events)}", f"ct-ip-{len(self.events)}", \
-                user.country
-        else:  # a fresh wallet opened for the purpose
-            wallet, device, ip = self._wallet(), f"ct-dev-{len(self.events)}", f"ct-ip-{len(self.events)}"
-            country = str(rng.choice(COUNTRIES))
+        device, ip = f"ct-dev-{len(self.events)}", f"ct-ip-{len(self.events)}"
         t = self._start()
-        n_small, n_large = int(rng.integers(3, 7)), int(rng.integers(1, 3))
-        for _ in range(n_small):
-            t += int(rng.integers(5_000, 4 * MINUTE_MS))
-            payee = int(rng.choice(self.merchants)) if rng.random() < 0.5 else self._wallet()
-            self._add(t, wallet, payee, int(rng.integers(50, ff.SMALL_AMOUNT_MINOR + 1)),
-                      int(rng.integers(0, 3)), device, ip, country, 2)
-        cash_out = self._wallet()
-        for _ in range(n_large):
-            t += int(rng.integers(30_000, 10 * MINUTE_MS))
-            self._add(t, wallet, cash_out, int(rng.integers(ff.LARGE_AMOUNT_MINOR, 200_000)),
-                      int(rng.integers(0, 2)), device, ip, country, 2)
-        return n_small + n_large
+        n = 0
+        for _ in range(int(rng.integers(1, 4))):  # wallets tested from the same device
+            if rng.random() < 0.5:
+                user = self.users[int(rng.integers(0, len(self.users)))]
+                wallet, country = user.wallet, user.country
+            else:  # a fresh wallet opened for the purpose
+                wallet, country = self._wallet(), str(rng.choice(COUNTRIES))
+            n_small, n_large = int(rng.integers(3, 7)), int(rng.integers(1, 3))
+            for _ in range(n_small):
+                t += int(rng.integers(5_000, 4 * MINUTE_MS))
+                payee = int(rng.choice(self.merchants)) if rng.random() < 0.5 else self._wallet()
+                self._add(t, wallet, payee, int(rng.integers(50, ff.SMALL_AMOUNT_MINOR + 1)),
+                          int(rng.integers(0, 3)), device, ip, country, 2)
+            cash_out = self._wallet()
+            for _ in range(n_large):
+                t += int(rng.integers(30_000, 10 * MINUTE_MS))
+                self._add(t, wallet, cash_out, int(rng.integers(ff.LARGE_AMOUNT_MINOR, 200_000)),
+                          int(rng.integers(0, 2)), device, ip, country, 2)
+            n += n_small + n_large
+        return n
 
     def mule_fan_in(self) -> int:
         rng = self.rng
@@ -261,6 +287,8 @@ def generate(n: int, fraud_rate: float, seed: int, days: float = 7.0) -> Labelle
     payer = np.array(col[1], dtype=np.int64)
     payee = np.array(col[2], dtype=np.int64)
     devices, ips, countries = list(col[5]), list(col[6]), list(col[7])
+    # The paying user: one per wallet here (request_at sends "user-<wallet>").
+    user_h = np.array([stable_hash(f"user-{w}") for w in wallet_ids], dtype=np.int64)
     traffic = Traffic(
         payer=payer, payee=payee, ts_ms=np.array(col[0], dtype=np.int64) + base,
         amount=np.array(col[3], dtype=np.int64), failed=np.array(col[4], dtype=np.int64),
@@ -268,10 +296,17 @@ def generate(n: int, fraud_rate: float, seed: int, days: float = 7.0) -> Labelle
         device_h=np.array([stable_hash(d) for d in devices], dtype=np.int64),
         ip_h=np.array([stable_hash(i) for i in ips], dtype=np.int64),
         country_h=np.array([stable_hash(c) for c in countries], dtype=np.int64),
-        payment_h=np.array([stable_hash(p) for p in payment_ids], dtype=np.int64))
+        payment_h=np.array([stable_hash(p) for p in payment_ids], dtype=np.int64),
+        user=payer, device=_dense(devices), ip=_dense(ips), user_h=user_h[payer])
     pattern = np.array(col[8], dtype=np.int8)
     return Labelled(traffic=traffic, label=pattern > 0, pattern=pattern, n_wallets=gen.n_wallets,
                     wallet_ids=wallet_ids, payment_ids=payment_ids, devices=devices, ips=ips, countries=countries)
+
+
+def _dense(values: Sequence[str]) -> np.ndarray:
+    """Row numbers of distinct values in first-seen order; -1 for "" (not sent)."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(v, len(index)) if v else -1 for v in values], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -418,18 +453,24 @@ SHIFT_UNIT_MS = 3_600_000
 FETCH_MAX_WAIT_MS = 5
 
 
-def payee_chunks(payee: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive [lo, hi) ranges in which no payee repeats. Replayed one range at a
-    time, each payee stage sees its payments in event order (payments of one payer keep
-    their order anyway: one key, one partition); within a range, payments to different
-    payees may be processed in any order without changing any feature."""
+def lockstep_chunks(traffic: Any) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) ranges in which no payee, user, device or IP repeats. Replayed
+    one range at a time, each entity row sees its payments in event order (payments of
+    one payer keep their order anyway: one key, one partition; but payments reach a
+    payee, user, device or IP row from many partitions, over routes of different
+    lengths); within a range, payments to different rows may be processed in any order
+    without changing any feature."""
     chunks, lo, seen = [], 0, set()
-    for i, p in enumerate(payee.tolist()):
-        if p in seen:
+    keys = zip(traffic.payee.tolist(), traffic.user.tolist(), traffic.device.tolist(), traffic.ip.tolist(),
+               strict=True)
+    for i, (payee, user, device, ip) in enumerate(keys):
+        mine = {("payee", payee), ("user", user), ("device", device), ("ip", ip)}
+        mine -= {("device", -1), ("ip", -1), ("user", -1)}
+        if mine & seen:
             chunks.append((lo, i))
             lo, seen = i, set()
-        seen.add(p)
-    chunks.append((lo, len(payee)))
+        seen |= mine
+    chunks.append((lo, len(traffic.payee)))
     return chunks
 
 
@@ -517,11 +558,12 @@ def request_at(data: Labelled, i: int, shift_ms: int) -> Any:
 async def publish_online(settings: Settings, data: Labelled, rate: float | None, wait_s: float) -> dict[str, Any]:
     """Publish every payment as a ScoreRequested and report the live decisions.
 
-    rate None: lockstep (`payee_chunks`), so the live decisions must equal offline ones.
+    rate None: lockstep (`lockstep_chunks`), so the live decisions must equal offline ones.
     Otherwise payments go out at `rate` per second, in event order, without waiting:
     a load test. Replaying days of traffic in seconds compresses time ~100,000-fold, so
-    the payee stage then sees payments hours out of event order across payer partitions
-    (real traffic arrives milliseconds apart), and its fan-in features differ from offline."""
+    the entity stage then sees payments hours out of event order across payer partitions
+    (real traffic arrives milliseconds apart), and its fan-in, user, device and IP
+    features differ from offline."""
     from streams.fraud import REQUESTS
     from streams.publisher import EventPublisher
 
@@ -533,7 +575,7 @@ async def publish_online(settings: Settings, data: Labelled, rate: float | None,
     try:
         async with EventPublisher(settings) as publisher:
             if rate is None:
-                for lo, hi in payee_chunks(data.traffic.payee):
+                for lo, hi in lockstep_chunks(data.traffic):
                     events = [request_at(data, i, shift) for i in range(lo, hi)]
                     await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
                     if not await collector.wait_for([e.payment_id for e in events], wait_s):

@@ -2,8 +2,11 @@
 benchmarks, and the model it loads.
 
     payer stage   rows[payer] --payer_update--> payer features      (agents: key = payer wallet)
-    payee stage   rows[payee] --payee_update--> payee features      (agents: key = payee wallet)
-    decision      X = [payer | payee | score] --score_batch--> score, rules fired, decision
+    entity stage  rows[payee] --payee_update--> payee features      (agents: key = payee wallet)
+                  rows[user|device|ip] --entity_update--> user / device / IP features
+                                                                    (keys "user:<id>", ...)
+    decision      X = [payer | payee | user | device | ip | score]
+                      --score_batch--> score, rules fired, decision
 
 The agents (agents/fraud.py) gather the rows of a batch's keys from RocksDB tables, call
 these functions once per batch and write the rows back; the simulator (ops/simulate.py)
@@ -187,13 +190,31 @@ class Scored:
     contrib: np.ndarray  # float64 [n, N_FEATURES]
 
 
-def feature_matrix(payer: np.ndarray, payee: np.ndarray) -> np.ndarray:
+def run_entity(rows: np.ndarray, row_idx: np.ndarray, ts_ms: np.ndarray, amount: np.ndarray, failed: np.ndarray,
+               other_h: np.ndarray, payment_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """User / device / IP features [n, N_ENTITY_FEATURES] and the redelivery flags; rows
+    updated in place. `other_h`: the payer wallet (user rows) or the user (device, IP rows)."""
+    n = row_idx.shape[0]
+    assert rows.shape[1] == ff.ENTITY_WIDTH
+    assert ts_ms.shape == amount.shape == failed.shape == other_h.shape == payment_h.shape == (n,)
+    assert n == 0 or (0 <= row_idx.min() and row_idx.max() < rows.shape[0])
+    out = np.empty((n, ff.N_ENTITY_FEATURES))
+    dup = np.zeros(n, dtype=np.bool_)
+    ff.entity_update(rows, row_idx, ts_ms, amount, failed, other_h, payment_h, out, dup)
+    return out, dup
+
+
+def feature_matrix(payer: np.ndarray, payee: np.ndarray, entity: np.ndarray | None = None) -> np.ndarray:
+    """X for scoring. `entity` [n, 3 * N_ENTITY_FEATURES] holds the user, device and IP
+    blocks; None (a payment without them) reads 0 for each."""
     n = payer.shape[0]
     assert payer.shape == (n, ff.N_PAYER_FEATURES) and payee.shape == (n, ff.N_PAYEE_FEATURES)
-    x = np.empty((n, rm.N_FEATURES))
+    x = np.zeros((n, rm.N_FEATURES))
     x[:, :rm.PAYEE_COL] = payer
-    x[:, rm.PAYEE_COL:rm.SCORE_COL] = payee
-    x[:, rm.SCORE_COL] = 0.0
+    x[:, rm.PAYEE_COL:rm.ENTITY_COL] = payee
+    if entity is not None:
+        assert entity.shape == (n, rm.SCORE_COL - rm.ENTITY_COL), entity.shape
+        x[:, rm.ENTITY_COL:rm.SCORE_COL] = entity
     return x
 
 
@@ -242,6 +263,10 @@ class Traffic:
     ip_h: np.ndarray
     country_h: np.ndarray
     payment_h: np.ndarray
+    user: np.ndarray
+    device: np.ndarray
+    ip: np.ndarray
+    user_h: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ts_ms.shape[0])
@@ -254,7 +279,18 @@ def traffic_features(traffic: Traffic, n_wallets: int) -> np.ndarray:
     payer, _ = run_payer(ff.new_payer_rows(n_wallets), traffic.payer, cols)
     payee, _ = run_payee(ff.new_payee_rows(n_wallets), traffic.payee, traffic.ts_ms, traffic.amount,
                          traffic.payer_h, traffic.payment_h)
-    return feature_matrix(payer, payee)
+    entity = np.zeros((len(traffic), 3 * ff.N_ENTITY_FEATURES))
+    # Rows of different keys are independent, so each kind can run over the whole traffic.
+    for k, (index, other_h) in enumerate(((traffic.user, traffic.payer_h), (traffic.device, traffic.user_h),
+                                          (traffic.ip, traffic.user_h))):
+        present = np.flatnonzero(index >= 0)
+        if present.size == 0:
+            continue
+        out, _ = run_entity(ff.new_entity_rows(int(index.max()) + 1), index[present], traffic.ts_ms[present],
+                            traffic.amount[present], traffic.failed[present], other_h[present],
+                            traffic.payment_h[present])
+        entity[present, k * ff.N_ENTITY_FEATURES:(k + 1) * ff.N_ENTITY_FEATURES] = out
+    return feature_matrix(payer, payee, entity)
 
 
 def default_ruleset() -> RuleSet:

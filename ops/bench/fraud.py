@@ -75,6 +75,8 @@ PAYEES_PER_PAYER = 4
 # ----------------------------------------------------------------------------- kernels
 
 def bench_kernels(n: int, repeat: int) -> dict[str, Any]:
+    import numpy as np
+
     from indicators import fraud_features as ff
     from ops.simulate import generate
     from services import fraud as scoring
@@ -90,6 +92,13 @@ def bench_kernels(n: int, repeat: int) -> dict[str, Any]:
         times = []
         for _ in range(repeat):
             payer_rows, payee_rows = ff.new_payer_rows(data.n_wallets), ff.new_payee_rows(data.n_wallets)
+            # User, device and IP rows: one table and one kernel call in the agents.
+            kinds = ((tr.user, tr.payer_h), (tr.device, tr.user_h), (tr.ip, tr.user_h))
+            offsets = np.cumsum([0] + [int(index.max()) + 1 for index, _ in kinds])
+            entity_rows = ff.new_entity_rows(int(offsets[-1]))
+            entity_idx = np.concatenate([index + offsets[k] for k, (index, _) in enumerate(kinds)])
+            entity_other = np.concatenate([other for _, other in kinds])
+            entity_pay = np.concatenate([np.arange(n)] * 3)
             start = time.perf_counter()
             for lo in range(0, n, batch):
                 s = slice(lo, lo + batch)
@@ -98,7 +107,13 @@ def bench_kernels(n: int, repeat: int) -> dict[str, Any]:
                 payer, _ = scoring.run_payer(payer_rows, tr.payer[s], cols)
                 payee, _ = scoring.run_payee(payee_rows, tr.payee[s], tr.ts_ms[s], tr.amount[s], tr.payer_h[s],
                                              tr.payment_h[s])
-                scoring.decide(scoring.feature_matrix(payer, payee), model, rules)
+                items = np.concatenate([np.arange(lo, min(lo + batch, n)) + k * n for k in range(3)])
+                pay = entity_pay[items]
+                out, _ = scoring.run_entity(entity_rows, entity_idx[items], tr.ts_ms[pay], tr.amount[pay],
+                                            tr.failed[pay], entity_other[items], tr.payment_h[pay])
+                m = pay.shape[0] // 3
+                entity = np.hstack([out[k * m:(k + 1) * m] for k in range(3)])
+                scoring.decide(scoring.feature_matrix(payer, payee, entity), model, rules)
             times.append((time.perf_counter() - start) / n * 1e6)
         results[f"numba_us_per_payment_batch_{batch}"] = round(statistics.median(times), 3)
     # The Python each agent spends per payment around the kernels.

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from indicators import fraud_features as ff
-from services.fraud import PayerColumns, run_payee, run_payer, stable_hash
+from indicators import risk_model as rm
+from services.fraud import PayerColumns, Traffic, run_entity, run_payee, run_payer, stable_hash, traffic_features
 
 T0 = 1_750_000_000_000
 
@@ -287,3 +288,141 @@ def test_stable_hash_is_52_bits_and_zero_only_for_empty() -> None:
     values = {stable_hash(f"wallet-{i}") for i in range(10_000)}
     assert len(values) == 10_000 and 0 not in values and max(values) < 2**52
     assert stable_hash("abc") == stable_hash("abc")
+
+
+# ----------------------------------------------------------------------------- user / device / IP rows
+
+@dataclass(frozen=True)
+class EntityEv:
+    key: int  # the user, device or IP (a row)
+    ts: int
+    amount: int
+    failed: int
+    other: int  # what the distinct count counts: the wallet (user rows), the user (device / IP rows); 0 = none
+    payment: int
+
+
+@dataclass
+class EntityRef:
+    history: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, amount, failed, other)
+    remembered: deque[int] = field(default_factory=lambda: deque(maxlen=ff.DEDUPE_K))
+
+    def step(self, e: EntityEv) -> tuple[list[float], bool]:
+        dup = e.payment in self.remembered
+        history = list(self.history) if dup else self.history
+        t = max(float(e.ts), history[-1][0] if history else 0.0)
+        history.append((t, e.amount, e.failed, e.other))
+        win = [[h for h in history if _in_window(t, h[0], w)] for w in range(3)]
+        latest: dict[int, float] = {}
+        for ht, _, _, other in history:
+            if other:
+                latest[other] = ht
+        # The row keeps the DISTINCT_K most recently seen others: the rest have been evicted.
+        kept = sorted(latest.values(), reverse=True)[:ff.DISTINCT_K]
+        distinct = [float(sum(1 for seen in kept if t - seen < w)) for w in ff.FANIN_WINDOWS_MS]
+        if not dup:
+            self.remembered.append(e.payment)
+        return [*(float(len(win[w])) for w in range(3)), *(float(sum(h[1] for h in win[w])) for w in range(3)),
+                float(sum(h[2] for h in win[1])), float(sum(h[2] for h in win[2])), *distinct], dup
+
+
+def entity_reference(events: list[EntityEv]) -> tuple[np.ndarray, np.ndarray]:
+    refs: dict[int, EntityRef] = {}
+    out, dups = [], []
+    for e in events:
+        f, d = refs.setdefault(e.key, EntityRef()).step(e)
+        out.append(f)
+        dups.append(d)
+    return np.array(out), np.array(dups)
+
+
+def entity_kernel(events: list[EntityEv], batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rows = ff.new_entity_rows(max(e.key for e in events) + 1)
+    step = batch or len(events)
+    outs, dups = [], []
+    for lo in range(0, len(events), step):
+        chunk = events[lo:lo + step]
+        col = {name: np.array([getattr(e, name) for e in chunk], dtype=np.int64)
+               for name in EntityEv.__dataclass_fields__}
+        out, dup = run_entity(rows, col["key"], col["ts"], col["amount"], col["failed"], col["other"],
+                              col["payment"])
+        outs.append(out)
+        dups.append(dup)
+    for row in rows:
+        ff.check_entity_row(row)
+    return np.concatenate(outs), np.concatenate(dups)
+
+
+@st.composite
+def entity_event_lists(draw: st.DrawFn) -> list[EntityEv]:
+    n = draw(st.integers(1, 120))
+    n_keys = draw(st.integers(1, 3))
+    # Sometimes more distinct others than the row keeps.
+    n_others = draw(st.sampled_from([3, ff.DISTINCT_K + 8]))
+    ts = T0
+    events = []
+    for i in range(n):
+        ts += draw(GAPS_MS)
+        payment = draw(st.integers(1, i + 1)) if draw(st.integers(0, 9)) == 0 else 10_000 + i
+        events.append(EntityEv(key=draw(st.integers(0, n_keys - 1)), ts=ts, amount=draw(AMOUNTS),
+                               failed=draw(st.integers(0, 3)), other=draw(st.integers(0, n_others)),
+                               payment=payment))
+    return events
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entity_event_lists(), st.sampled_from([None, 1, 7]))
+def test_user_device_ip_features_match_plain_recomputation(events: list[EntityEv], batch: int | None) -> None:
+    ref, ref_dup = entity_reference(events)
+    got, dup = entity_kernel(events, batch)
+    np.testing.assert_array_equal(dup, ref_dup)
+    for j, suffix in enumerate(ff.ENTITY_SUFFIXES):
+        np.testing.assert_array_equal(got[:, j], ref[:, j], err_msg=suffix)
+
+
+def test_traffic_features_key_users_devices_and_ips_by_their_own_history() -> None:
+    """The offline path feeds each kind its own rows and 'others': a user's payments from
+    two wallets add up, a device counts the distinct users on it, an IP likewise; the
+    named columns equal the plain recomputation per kind."""
+    rng = np.random.default_rng(8)
+    n = 400
+    ts = T0 + np.cumsum(rng.choice([0, 900, 40_000, 700_000], size=n)).astype(np.int64)
+    user = rng.integers(0, 6, n)
+    payer = user * 2 + rng.integers(0, 2, n)  # every user has two wallets
+    device = np.where(rng.random(n) < 0.1, -1, rng.integers(0, 4, n))  # -1: no device sent
+    ip = rng.integers(0, 3, n)
+    amount = rng.integers(1, 40_000, n)
+    failed = rng.integers(0, 3, n)
+    payment_h = np.arange(1, n + 1, dtype=np.int64)
+    wallet_h, user_h = payer + 101, user + 1_001
+    hashes = {name: rng.integers(1, 1 << 40, n) for name in ("payee_h", "device_h", "ip_h", "country_h")}
+    traffic = Traffic(payer=payer, payee=rng.integers(0, 5, n), ts_ms=ts, amount=amount, failed=failed,
+                      payer_h=wallet_h, payment_h=payment_h, user=user, device=device, ip=ip, user_h=user_h,
+                      **hashes)
+    x = traffic_features(traffic, 12)
+    for k, (kind, key, other) in enumerate((("user", user, wallet_h), ("device", device, user_h),
+                                            ("ip", ip, user_h))):
+        present = np.flatnonzero(key >= 0)
+        ref, _ = entity_reference([EntityEv(int(key[i]), int(ts[i]), int(amount[i]), int(failed[i]),
+                                            int(other[i]), int(payment_h[i])) for i in present])
+        for j in range(ff.N_ENTITY_FEATURES):
+            name = ff.ENTITY_FEATURES[k * ff.N_ENTITY_FEATURES + j]
+            column = x[:, rm.FEATURE_INDEX[name]]
+            np.testing.assert_array_equal(column[present], ref[:, j], err_msg=name)
+            assert (column[key < 0] == 0).all(), name  # a payment without the value reads 0
+    assert x[:, rm.FEATURE_INDEX["device_users_24h"]].max() >= 2  # devices are shared in this traffic
+    assert x[:, rm.FEATURE_INDEX["user_wallets_24h"]].max() == 2
+
+
+def test_entity_view_reads_windows_as_of_now_without_changing_the_row() -> None:
+    events = [EntityEv(0, T0 + i * 1_000, 100 + i, 1, i % 3 + 1, i + 1) for i in range(10)]
+    rows = ff.new_entity_rows(1)
+    col = {name: np.array([getattr(e, name) for e in events], dtype=np.int64) for name in EntityEv.__dataclass_fields__}
+    run_entity(rows, col["key"], col["ts"], col["amount"], col["failed"], col["other"], col["payment"])
+    before = rows[0].copy()
+    out = np.empty(ff.N_ENTITY_FEATURES)
+    ff.entity_windows_at(rows[0], T0 + 9_000, out)
+    assert out.tolist() == [10, 10, 10, sum(100 + i for i in range(10)), 1045, 1045, 10, 10, 3, 3]
+    ff.entity_windows_at(rows[0], T0 + 2 * 3_600_000, out)
+    assert out.tolist() == [0, 0, 10, 0, 0, 1045, 0, 10, 0, 3]  # only the 24 h window still holds them
+    np.testing.assert_array_equal(rows[0], before)
