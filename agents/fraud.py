@@ -4,12 +4,21 @@ Pipeline (docs/FRAUD.md has the picture):
 
 1. `fraud.payer` consumes `fraud.requests` (key: payer wallet) in `take_events` batches:
    one Numba call updates the payer rows of the batch and computes the payer features;
-   the payments are then grouped by the partition of their *payee* wallet and sent, one
-   `PayeeBatch` per partition, to `fraud.by_payee` (the repartition that puts a payee's
-   fan-in state on the worker that owns the payee key).
-2. `fraud.payee` consumes `fraud.by_payee`: one Numba call updates the payee rows (fan-in),
-   one scores, rules and decides every payment; it publishes a `RiskDecided` per payment on
-   `fraud.decisions` (key: payer wallet) and a `FraudAlert` per review or block.
+   each payment's payee wallet, user, device and IP keys are hashed to their partitions,
+   and the payments are sent, one `EntityBatch` per partition, to the smallest of those
+   partitions on `fraud.by_entity` (the repartition that puts each of those rows on the
+   worker that owns its key).
+2. `fraud.entity` consumes `fraud.by_entity`: for the keys of its partition, one Numba
+   call updates the payee rows (fan-in) and one the user / device / IP rows; a payment
+   with keys on a larger partition goes on there (one `EntityBatch` per partition), the
+   others are scored, ruled and decided in one Numba call; it publishes a `RiskDecided`
+   per payment on `fraud.decisions` (key: payer wallet) and a `FraudAlert` per review or
+   block. A payment whose four keys share a partition is decided after one hop, as
+   before; keys on k partitions cost k hops. The alternative, sending each key's work to
+   its partition at once and joining the partial rows by payment id, is always two hops
+   but needs the join's pending rows in a changelogged table (a write and a tombstone per
+   payment, and a sweep for partials a redelivery orphans): it costs more per payment,
+   and per-payment Kafka work is what limits the scorer (docs/benchmarks/fraud.md).
 3. `fraud.recorder` stores decisions in PostgreSQL (scores, the review queue);
    `fraud.alerts` stores alerts and fans them out on Redis to `WS /ws/fraud/alerts`;
    a leader-only timer re-publishes analysts' review decisions the API could not publish.
@@ -37,11 +46,11 @@ the saga's pass-through scorer (agents/fraud_passthrough.py) answers otherwise.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
-from collections import defaultdict
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -67,21 +76,28 @@ from streams.codec import DecodeFailure, encode
 from streams.dlq import EmptyValue, dead_letter
 from streams.fraud import (
     ALERTS,
-    BY_PAYEE,
+    BY_ENTITY,
     DECISIONS,
-    MAX_PAYEE_BATCH,
+    MAX_ENTITY_BATCH,
+    N_ROUTE,
     REQUESTS,
+    EntityBatch,
+    EntityColumns,
     FraudAlert,
-    PayeeBatch,
     RiskDecided,
     ScoreRequested,
     alerts_channel,
+    entity_batch,
+    entity_key,
     partition_for_key,
-    payee_batch,
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
 from streams.topics import TopicSpec, bootstrap_servers
 from tables.fraud import (
+    entity_row,
+    entity_state,
+    entity_table,
+    entity_view,
     payee_row,
     payee_state,
     payee_table,
@@ -96,7 +112,7 @@ log = logging.getLogger("fintide.agents.fraud")
 E = TypeVar("E")
 
 SCORER_NAME = "model"
-AGENT_PAYER, AGENT_PAYEE = "fraud.payer", "fraud.payee"
+AGENT_PAYER, AGENT_ENTITY = "fraud.payer", "fraud.entity"
 AGENT_RECORDER, AGENT_ALERTS = "fraud.recorder", "fraud.alerts"
 # Batches: at most this many messages per take; an idle stage waits at most this long
 # for more (the latency a lone payment pays per stage).
@@ -300,10 +316,11 @@ async def reject_event(app: FintideApp, spec: TopicSpec[Any], event: EventT, exc
 def _install_scorer(app: FintideApp, store: FraudStore) -> None:
     payers = payer_table(app)
     payees = payee_table(app)
+    entities = entity_table(app)
     model = scoring.load_model()
     rules = RulesService(store)
     app.service(rules)
-    by_payee = event_topic(app, BY_PAYEE)
+    by_entity = event_topic(app, BY_ENTITY)
 
     @app.agent(event_topic(app, REQUESTS), name=AGENT_PAYER)
     async def payer_stage(stream: Any) -> None:
@@ -319,31 +336,35 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
                 else:
                     valid.append((event, request))
             if valid:
-                pending += await score_payers(app, store, payers, by_payee, valid)
+                pending += await score_payers(app, store, payers, by_entity, valid)
             await asyncio.gather(*pending)
             EVENTS_PROCESSED.labels(REQUESTS.name, AGENT_PAYER).inc(len(valid))
             BATCH_SECONDS.labels("payer").observe(time.perf_counter() - started)
 
-    @app.agent(by_payee, name=AGENT_PAYEE)
-    async def payee_stage(stream: Any) -> None:
+    @app.agent(by_entity, name=AGENT_ENTITY)
+    async def entity_stage(stream: Any) -> None:
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
             started = time.perf_counter()
             pending: list[Awaitable[Any]] = []
-            batches = await decode_events(app, BY_PAYEE, events, AGENT_PAYEE, pending)
+            batches = await decode_events(app, BY_ENTITY, events, AGENT_ENTITY, pending)
             columns = []
             for event, batch in batches:
                 try:
-                    columns.append((event, batch, batch.columns()))
+                    if batch.partition != event.message.partition:
+                        raise ValueError(f"batch for partition {batch.partition} read from "
+                                         f"partition {event.message.partition}")
+                    columns.append((event, batch, batch.columns(rm.N_FEATURES)))
                 except ValueError as exc:
-                    pending.append(await reject_event(app, BY_PAYEE, event, exc, AGENT_PAYEE))
+                    pending.append(await reject_event(app, BY_ENTITY, event, exc, AGENT_ENTITY))
             if columns:
-                pending += await decide_payments(app, store, payees, model, await rules.current(), columns)
+                pending += await visit_entities(app, store, payees, entities, model, rules, by_entity, columns)
             await asyncio.gather(*pending)
-            EVENTS_PROCESSED.labels(BY_PAYEE.name, AGENT_PAYEE).inc(len(columns))
-            BATCH_SECONDS.labels("payee").observe(time.perf_counter() - started)
+            EVENTS_PROCESSED.labels(BY_ENTITY.name, AGENT_ENTITY).inc(len(columns))
+            BATCH_SECONDS.labels("entity").observe(time.perf_counter() - started)
 
     routed_table_view(app, payers, "/fraud/payers/{key}", render=payer_view)
     routed_table_view(app, payees, "/fraud/payees/{key}", render=payee_view)
+    routed_table_view(app, entities, "/fraud/entities/{key}", render=entity_view)
 
     class StatusView(View):
         async def get(self, request: Request) -> Response:
@@ -366,9 +387,33 @@ def _key_events(keys: Sequence[str], events: Sequence[EventT]) -> tuple[list[str
     return list(index), index, carriers
 
 
-async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_payee: TopicT,
+# The identity columns an EntityBatch carries (EntityBatch field names).
+ID_COLUMNS = ("request_ids", "payment_ids", "payer_wallet_ids", "payer_user_ids", "payee_wallet_ids",
+              "device_ids", "ips", "currencies")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _partition(key: str, n_partitions: int) -> int:
+    # murmur2 in Python costs microseconds per key; users, devices and IPs repeat.
+    return partition_for_key(key, n_partitions)
+
+
+def route_partitions(requests: Sequence[ScoreRequested], n_partitions: int) -> np.ndarray:
+    """[n, N_ROUTE]: the partition of each payment's payee, user, device and IP key (-1
+    for a value not sent)."""
+    parts = np.empty((len(requests), N_ROUTE), dtype=np.int64)
+    for i, r in enumerate(requests):
+        parts[i, 0] = _partition(r.payee_wallet_id, n_partitions)
+        parts[i, 1] = _partition(entity_key("user", r.payer_user_id), n_partitions) if r.payer_user_id else -1
+        parts[i, 2] = _partition(entity_key("device", r.device_id), n_partitions) if r.device_id else -1
+        parts[i, 3] = _partition(entity_key("ip", r.ip), n_partitions) if r.ip else -1
+    return parts
+
+
+async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_entity: TopicT,
                        batch: Sequence[tuple[EventT, ScoreRequested]]) -> list[Awaitable[Any]]:
-    """Payer features for a batch; rows written back; one PayeeBatch per payee partition."""
+    """Payer features for a batch; rows written back; each payment sent on to the first
+    partition of its route (one EntityBatch per partition)."""
     requests = [r for _, r in batch]
     keys, index, carriers = _key_events([r.payer_wallet_id for r in requests], [e for e, _ in batch])
     rows = np.empty((len(keys), ff.PAYER_WIDTH))
@@ -376,7 +421,8 @@ async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_payee:
         with acting_for(carriers[k]):
             rows[k] = payer_row(table.get(key))
     row_idx = np.fromiter((index[r.payer_wallet_id] for r in requests), dtype=np.int64, count=len(requests))
-    features, dup = scoring.run_payer(rows, row_idx, scoring.payer_columns(requests))
+    cols = scoring.payer_columns(requests)
+    features, dup = scoring.run_payer(rows, row_idx, cols)
     changed = np.zeros(len(keys), dtype=np.bool_)
     changed[row_idx[~dup]] = True
     for k in np.flatnonzero(changed):
@@ -384,77 +430,140 @@ async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_payee:
             table[keys[k]] = payer_state(rows[k])
     if dup.any():
         REDELIVERED.labels("payer").inc(int(dup.sum()))
-    return await forward_to_payees(app, store, by_payee, requests, features)
-
-
-async def forward_to_payees(app: FintideApp, store: FraudStore, by_payee: TopicT, requests: Sequence[ScoreRequested],
-                            features: np.ndarray) -> list[Awaitable[Any]]:
-    n_partitions = BY_PAYEE.partition_count(app.settings)
-    groups: dict[int, list[int]] = defaultdict(list)
+    n = len(requests)
+    x = np.zeros((n, rm.N_FEATURES))
+    x[:, :rm.PAYEE_COL] = features
+    hashes = np.empty((n, 3), dtype=np.int64)
+    hashes[:, 0] = cols.payment_h
     for i, r in enumerate(requests):
-        groups[partition_for_key(r.payee_wallet_id, n_partitions)].append(i)
+        hashes[i, 1] = scoring.stable_hash(r.payer_wallet_id)
+        hashes[i, 2] = scoring.stable_hash(r.payer_user_id)
+    parts = route_partitions(requests, BY_ENTITY.partition_count(app.settings))
+    ids = {"request_ids": [r.id for r in requests], "payment_ids": [r.payment_id for r in requests],
+           "payer_wallet_ids": [r.payer_wallet_id for r in requests],
+           "payer_user_ids": [r.payer_user_id for r in requests],
+           "payee_wallet_ids": [r.payee_wallet_id for r in requests], "device_ids": [r.device_id for r in requests],
+           "ips": [r.ip for r in requests], "currencies": [r.currency for r in requests]}
+    first = np.where(parts >= 0, parts, np.iinfo(np.int64).max).min(axis=1)  # the payee is always there
+    return await forward_entities(store, by_entity, ids, cols.ts_ms, cols.amount, cols.failed, hashes, parts, x,
+                                  np.arange(n), first)
+
+
+async def forward_entities(store: FraudStore, by_entity: TopicT, ids: dict[str, list[str]], ts: np.ndarray,
+                           amount: np.ndarray, failed: np.ndarray, hashes: np.ndarray, parts: np.ndarray,
+                           x: np.ndarray, members: np.ndarray, dest: np.ndarray) -> list[Awaitable[Any]]:
+    """Send payments `members` to partition `dest[i]` of fraud.by_entity, one EntityBatch
+    (at most MAX_ENTITY_BATCH payments) per partition, in payment order."""
     pending = []
-    for partition, members in groups.items():
-        for lo in range(0, len(members), MAX_PAYEE_BATCH):
-            part = members[lo:lo + MAX_PAYEE_BATCH]
-            batch = payee_batch(partition, [requests[i] for i in part], features[part])
-            pending.append(await store.send(by_payee, batch.key, encode(batch), partition))
+    for partition in np.unique(dest[members]).tolist():
+        group = members[dest[members] == partition]
+        for lo in range(0, len(group), MAX_ENTITY_BATCH):
+            part = group[lo:lo + MAX_ENTITY_BATCH]
+            chosen = part.tolist()
+            batch = entity_batch(int(partition), {name: [ids[name][i] for i in chosen] for name in ID_COLUMNS},
+                                 ts[part], amount[part], failed[part], hashes[part], parts[part], x[part])
+            pending.append(await store.send(by_entity, None, encode(batch), int(partition)))
     return pending
 
 
-async def decide_payments(app: FintideApp, store: FraudStore, table: Any, model: scoring.Model, rules: RuleSet,
-                          columns: Sequence[tuple[EventT, PayeeBatch, tuple[np.ndarray, ...]]]) -> list[Awaitable[Any]]:
-    """Payee features, then score, rules and decision for every payment of the batches."""
+async def visit_entities(app: FintideApp, store: FraudStore, payees: Any, entities: Any, model: scoring.Model,
+                         rules: RulesService, by_entity: TopicT,
+                         columns: Sequence[tuple[EventT, EntityBatch, EntityColumns]]) -> list[Awaitable[Any]]:
+    """Update the payee, user, device and IP rows whose keys hash to each batch's
+    partition, fill their feature columns; send each payment on to its next partition, or
+    decide it when this was the last."""
     carriers_per_payment = [event for event, batch, _ in columns for _ in range(batch.count)]
-    payees = [p for _, batch, _ in columns for p in batch.payee_wallet_ids]
-    payers = [p for _, batch, _ in columns for p in batch.payer_wallet_ids]
-    payments = [p for _, batch, _ in columns for p in batch.payment_ids]
-    ts = np.concatenate([c[0] for _, _, c in columns])
-    amount = np.concatenate([c[1] for _, _, c in columns])
-    payer_features = np.vstack([c[2] for _, _, c in columns])
-    keys, index, carriers = _key_events(payees, carriers_per_payment)
-    rows = np.empty((len(keys), ff.PAYEE_WIDTH))
-    for k, key in enumerate(keys):
-        with acting_for(carriers[k]):
-            rows[k] = payee_row(table.get(key))
-    row_idx = np.fromiter((index[p] for p in payees), dtype=np.int64, count=len(payees))
-    payer_h = np.fromiter((scoring.stable_hash(p) for p in payers), dtype=np.int64, count=len(payers))
-    payment_h = np.fromiter((scoring.stable_hash(p) for p in payments), dtype=np.int64, count=len(payments))
-    payee_features, dup = scoring.run_payee(rows, row_idx, ts, amount, payer_h, payment_h)
+    ids = {name: [v for _, batch, _ in columns for v in getattr(batch, name)] for name in ID_COLUMNS}
+    ts = np.concatenate([c.ts_ms for _, _, c in columns])
+    amount = np.concatenate([c.amount for _, _, c in columns])
+    failed = np.concatenate([c.failed for _, _, c in columns])
+    hashes = np.concatenate([c.hashes for _, _, c in columns])
+    parts = np.concatenate([c.partitions for _, _, c in columns])
+    x = np.concatenate([c.features for _, _, c in columns])
+    here = np.concatenate([np.full(batch.count, batch.partition, dtype=np.int64) for _, batch, _ in columns])
+    at = parts == here[:, None]  # [n, N_ROUTE]: this partition's keys
+
+    payee_i = np.flatnonzero(at[:, 0])
+    if payee_i.size:
+        keys, index, carriers = _key_events([ids["payee_wallet_ids"][i] for i in payee_i.tolist()],
+                                            [carriers_per_payment[i] for i in payee_i.tolist()])
+        rows = np.empty((len(keys), ff.PAYEE_WIDTH))
+        for k, key in enumerate(keys):
+            with acting_for(carriers[k]):
+                rows[k] = payee_row(payees.get(key))
+        row_idx = np.fromiter((index[ids["payee_wallet_ids"][i]] for i in payee_i.tolist()), dtype=np.int64,
+                              count=payee_i.size)
+        out, dup = scoring.run_payee(rows, row_idx, ts[payee_i], amount[payee_i], hashes[payee_i, 1],
+                                     hashes[payee_i, 0])
+        _write_back(payees, keys, carriers, rows, row_idx, dup, lambda key, row: payee_state(row))
+        x[payee_i, rm.PAYEE_COL:rm.ENTITY_COL] = out
+        if dup.any():
+            REDELIVERED.labels("payee").inc(int(dup.sum()))
+
+    # User, device and IP items, in payment order (then kind order): one row layout, one call.
+    item_pay, item_kind = np.nonzero(at[:, 1:])
+    if item_pay.size:
+        values = (ids["payer_user_ids"], ids["device_ids"], ids["ips"])
+        item_keys = [entity_key(ff.ENTITY_KINDS[k], values[k][i])
+                     for i, k in zip(item_pay.tolist(), item_kind.tolist(), strict=True)]
+        keys, index, carriers = _key_events(item_keys, [carriers_per_payment[i] for i in item_pay.tolist()])
+        rows = np.empty((len(keys), ff.ENTITY_WIDTH))
+        for k, key in enumerate(keys):
+            with acting_for(carriers[k]):
+                rows[k] = entity_row(entities.get(key))
+        row_idx = np.fromiter((index[key] for key in item_keys), dtype=np.int64, count=len(item_keys))
+        # What a row's distinct count counts: wallets for a user, users for a device or IP.
+        other_h = np.where(item_kind == 0, hashes[item_pay, 1], hashes[item_pay, 2])
+        out, dup = scoring.run_entity(rows, row_idx, ts[item_pay], amount[item_pay], failed[item_pay], other_h,
+                                      hashes[item_pay, 0])
+        _write_back(entities, keys, carriers, rows, row_idx, dup,
+                    lambda key, row: entity_state(key.split(":", 1)[0], row))
+        first_col = np.asarray(rm.ENTITY_COLS, dtype=np.int64)[item_kind]
+        x[item_pay[:, None], first_col[:, None] + np.arange(ff.N_ENTITY_FEATURES)] = out
+        if dup.any():
+            REDELIVERED.labels("entity").inc(int(dup.sum()))
+
+    later = np.where(parts > here[:, None], parts, np.iinfo(np.int64).max).min(axis=1)
+    done = later == np.iinfo(np.int64).max
+    pending = await forward_entities(store, by_entity, ids, ts, amount, failed, hashes, parts, x,
+                                     np.flatnonzero(~done), later)
+    if done.any():
+        decided = np.flatnonzero(done)
+        ruleset = await rules.current()
+        scored = scoring.decide(np.ascontiguousarray(x[decided]), model, ruleset)
+        pending += await publish_decisions(app, store, model, ruleset, ids, decided, scored)
+    return pending
+
+
+def _write_back(table: Any, keys: Sequence[str], carriers: Sequence[EventT], rows: np.ndarray, row_idx: np.ndarray,
+                dup: np.ndarray, state: Callable[[str, np.ndarray], Any]) -> None:
+    """Store the rows a batch changed (a row only redelivered payments touched is as it was)."""
     changed = np.zeros(len(keys), dtype=np.bool_)
     changed[row_idx[~dup]] = True
     for k in np.flatnonzero(changed):
         with acting_for(carriers[k]):
-            table[keys[k]] = payee_state(rows[k])
-    if dup.any():
-        REDELIVERED.labels("payee").inc(int(dup.sum()))
-    scored = scoring.decide(scoring.feature_matrix(payer_features, payee_features), model, rules)
-    return await publish_decisions(app, store, model, rules, columns, scored)
+            table[keys[k]] = state(keys[k], rows[k])
 
 
 async def publish_decisions(app: FintideApp, store: FraudStore, model: scoring.Model, rules: RuleSet,
-                            columns: Sequence[tuple[EventT, PayeeBatch, tuple[np.ndarray, ...]]],
+                            ids: dict[str, list[str]], decided: np.ndarray,
                             scored: scoring.Scored) -> list[Awaitable[Any]]:
     decisions_topic = event_topic(app, DECISIONS)
     alerts_topic = event_topic(app, ALERTS)
     pending = []
-    i = 0
-    for _, batch, _ in columns:
-        for j in range(batch.count):
-            code = int(scored.decisions[i])
-            fired = scoring.rules_fired(scored, i, rules)
-            top = scoring.top_features(scored, i)
-            decided = RiskDecided(
-                payment_id=batch.payment_ids[j], payer_wallet_id=batch.payer_wallet_ids[j],
-                score=int(scored.scores[i]), decision=rm.DECISIONS[code], source="model", rules_fired=fired,
-                top_features=top, model_version=model.version, payer_user_id=batch.payer_user_ids[j],
-                payee_wallet_id=batch.payee_wallet_ids[j], amount_minor=int(scored.x[i, 0]),
-                currency=batch.currencies[j])
-            pending.append(await store.send(decisions_topic, decided.payer_wallet_id, encode(decided)))
-            if code != rm.ALLOW:
-                alert = alert_for(decided)
-                pending.append(await store.send(alerts_topic, alert.payer_wallet_id, encode(alert)))
-            i += 1
+    for i, j in enumerate(decided.tolist()):
+        code = int(scored.decisions[i])
+        decision = RiskDecided(
+            payment_id=ids["payment_ids"][j], payer_wallet_id=ids["payer_wallet_ids"][j],
+            score=int(scored.scores[i]), decision=rm.DECISIONS[code], source="model",
+            rules_fired=scoring.rules_fired(scored, i, rules), top_features=scoring.top_features(scored, i),
+            model_version=model.version, payer_user_id=ids["payer_user_ids"][j],
+            payee_wallet_id=ids["payee_wallet_ids"][j], amount_minor=int(scored.x[i, 0]),
+            currency=ids["currencies"][j])
+        pending.append(await store.send(decisions_topic, decision.payer_wallet_id, encode(decision)))
+        if code != rm.ALLOW:
+            alert = alert_for(decision)
+            pending.append(await store.send(alerts_topic, alert.payer_wallet_id, encode(alert)))
     for code, name in enumerate(rm.DECISIONS):
         count = int((scored.decisions == code).sum())
         if count:

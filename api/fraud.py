@@ -2,6 +2,7 @@
 
     GET  /api/v1/fraud/scores/{payment_id}               score, decision, rules fired, top features, review
     GET  /api/v1/fraud/accounts/{wallet_id}/features     live feature rows, from the worker owning the key
+    GET  /api/v1/fraud/entities/{kind}/{id}/features     a user's, device's or IP's live row, likewise
     GET  /api/v1/fraud/reviews?status=open               the review queue (cursor pagination)
     POST /api/v1/fraud/reviews/{id}/decision             {decision: approve|decline, note} (support, admin)
     GET  /api/v1/fraud/rules, POST /rules, PUT /rules/{id}   rules (writes: admin); bad expressions -> 422
@@ -183,6 +184,14 @@ class FeaturesOut(msgspec.Struct, frozen=True):
     as_payee: dict[str, Any] | None
 
 
+class EntityFeaturesOut(msgspec.Struct, frozen=True):
+    kind: str
+    id: str
+    worker: str
+    features: dict[str, Any]
+
+
+
 # ------------------------------------------------------------------------------ scores
 
 @get("/scores/{payment_id:str}", guards=[requires_roles(*ANALYSTS)],
@@ -216,6 +225,21 @@ async def account_features(wallet_id: Annotated[str, Parameter(max_length=100)],
     if found["as_payer"] is None and found["as_payee"] is None:
         raise Problem(404, "features-not-found", f"No fraud features for wallet {wallet_id}.")
     return FeaturesOut(**found)
+
+
+@get("/entities/{kind:str}/{entity_id:str}/features", guards=[requires_roles(*ANALYSTS)],
+     summary="A paying user's, device's or IP's live fraud features, read from the owning worker")
+async def entity_features(kind: Annotated[str, Parameter(pattern=r"^(user|device|ip)$")],
+                          entity_id: Annotated[str, Parameter(max_length=200)],
+                          resources: Resources) -> EntityFeaturesOut:
+    try:
+        found = await service.entity_features(resources.settings, kind, entity_id)
+    except service.WorkersUnavailable as exc:
+        raise Problem(503, "workers-unavailable", f"No fraud worker answered: {exc}",
+                      headers={"Retry-After": "2"}) from None
+    if found is None:
+        raise Problem(404, "features-not-found", f"No fraud features for {kind} {entity_id}.")
+    return EntityFeaturesOut(kind=kind, id=entity_id, worker=found[0], features=found[1])
 
 
 # ------------------------------------------------------------------------------ reviews
@@ -391,6 +415,6 @@ async def _until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
 
 
 rest = Router(path="/api/v1/fraud", tags=["fraud"],
-              route_handlers=[score, account_features, reviews, decide, list_rules, create_rule, update_rule,
+              route_handlers=[score, account_features, entity_features, reviews, decide, list_rules, create_rule, update_rule,
                               stats])
 router = Router(path="/", route_handlers=[rest, alerts_stream])

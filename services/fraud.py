@@ -401,6 +401,34 @@ async def account_features(settings: Any, wallet_id: str, timeout_s: float = 3.0
     raise WorkersUnavailable("; ".join(errors) or "no worker address known")
 
 
+async def entity_features(settings: Any, kind: str, value: str,
+                          timeout_s: float = 3.0) -> tuple[str, dict[str, Any]] | None:
+    """(worker url, the live row of a user, device or IP as named values) from the worker
+    that owns its key, or None when the scorer never saw it."""
+    import httpx
+
+    from urllib.parse import quote
+
+    from streams.fraud import entity_key
+
+    assert kind in ff.ENTITY_KINDS, kind
+    key = quote(entity_key(kind, value), safe="")
+    errors = []
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        for url in worker_urls(settings):
+            try:
+                response = await client.get(f"{url}/fraud/entities/{key}")
+            except httpx.HTTPError as exc:
+                errors.append(f"{url}: {type(exc).__name__}")
+                continue
+            if response.status_code == 200:
+                return url, response.json()
+            if _absent(response):
+                return None
+            errors.append(f"{url}: {response.status_code}")
+    raise WorkersUnavailable("; ".join(errors) or "no worker address known")
+
+
 def _absent(response: Any) -> bool:
     # The routed view's own 404 (the key is not in the table), not a worker without the
     # fraud views (Faust's plain 404 page).

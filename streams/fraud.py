@@ -4,11 +4,13 @@
   the payer wallet (so one wallet's payments are scored in order, by one worker).
 * `fraud.decisions`: `RiskDecided`, keyed by the payer wallet: the scorer's answer
   (`source="model"`) or an analyst's review decision (`source="review"`, allow|block).
-* `fraud.by_payee`: `PayeeBatch`, the scorer's internal repartition: payments whose payer
-  features are computed, grouped by the partition of their *payee* wallet, so the payee's
-  fan-in state (kept on the payee key) is updated by the worker that owns it. One message
-  carries many payments (columns, like `market.ticks`), so the second stage costs one
-  Faust message per batch rather than per payment.
+* `fraud.by_entity`: `EntityBatch`, the scorer's internal repartition: payments whose payer
+  features are computed, sent to the partitions of their payee wallet, paying user,
+  device and IP in ascending partition order, so each of those rows is updated by the
+  worker that owns its key. A payment visits each distinct partition once (one hop when
+  all four keys share a partition) and is decided at the last. One message carries many
+  payments (columns, like `market.ticks`), so a hop costs one Faust message per batch
+  and partition rather than per payment.
 * `fraud.alerts`: `FraudAlert` for every review or block, keyed by the payer wallet; the
   worker stores them and fans them out to `WS /ws/fraud/alerts`.
 
@@ -18,6 +20,7 @@ The saga (agents/payments.py) publishes requests and consumes decisions; the sco
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -27,9 +30,12 @@ from aiokafka.partitioner import murmur2
 from streams.events import Event
 from streams.topics import TopicSpec, register
 
-# A PayeeBatch holds at most this many payments (~1.2 MB of JSON would exceed Kafka's
-# default 1 MiB message size at about 4,000).
-MAX_PAYEE_BATCH = 2_048
+# An EntityBatch holds at most this many payments: ~1 KB of JSON each (the feature row
+# is most of it), so 512 stay well under Kafka's default 1 MiB message size.
+MAX_ENTITY_BATCH = 512
+# Keys an EntityBatch routes to, in its `partitions` column's order.
+ENTITY_ROUTE = ("payee", "user", "device", "ip")
+N_ROUTE = len(ENTITY_ROUTE)
 I64 = np.dtype("<i8")
 F64 = np.dtype("<f8")
 
@@ -91,8 +97,12 @@ class FraudAlert(Event, tag="fraud.alert", kw_only=True, frozen=True):
     model_version: str = ""
 
 
-class PayeeBatch(Event, tag="fraud.payee_batch", kw_only=True, frozen=True):
-    """Payments of one payee partition with their payer features (internal to the scorer).
+class EntityBatch(Event, tag="fraud.entity_batch", kw_only=True, frozen=True):
+    """Payments on their way through the entity stage, for one partition (internal to the
+    scorer). Each carries the partitions of its payee, user, device and IP keys (-1: no
+    such key) and its feature row so far; the stage at a partition updates the rows of
+    the keys that hash there, fills their feature columns, and forwards the payment to
+    its next larger partition or, at the last, decides it.
 
     Identity columns are string lists; numbers are little-endian column bytes
     (`columns()`), decoded to numpy without per-payment Python."""
@@ -104,29 +114,45 @@ class PayeeBatch(Event, tag="fraud.payee_batch", kw_only=True, frozen=True):
     payer_wallet_ids: list[str]
     payer_user_ids: list[str]
     payee_wallet_ids: list[str]
+    device_ids: list[str]
+    ips: list[str]
     currencies: list[str]
     time_ms: bytes  # int64[count]: the requests' event times
     amount_minor: bytes  # int64[count]
-    payer_features: bytes  # float64[count * n_features], row-major
+    failed_attempts: bytes  # int64[count]
+    hashes: bytes  # int64[count * 3]: payment id, payer wallet, user (services.fraud.stable_hash)
+    partitions: bytes  # int64[count * N_ROUTE]: partition of each ENTITY_ROUTE key, -1 when absent
+    features: bytes  # float64[count * n_features], row-major: the feature row so far
     n_features: int
 
-    @property
-    def key(self) -> str:
-        return self.payee_wallet_ids[0]
-
-    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(time_ms, amount_minor, payer_features[count, n_features]), validated."""
+    def columns(self, n_features: int) -> EntityColumns:
+        """The numeric columns, validated (`n_features`: the row width this code reads)."""
         n = self.count
-        if not 1 <= n <= MAX_PAYEE_BATCH or self.n_features < 1:
-            raise ValueError(f"payee batch of {n} payments x {self.n_features} features")
-        for name in ("request_ids", "payment_ids", "payer_wallet_ids", "payer_user_ids",
-                     "payee_wallet_ids", "currencies"):
+        if not 1 <= n <= MAX_ENTITY_BATCH or self.n_features != n_features:
+            raise ValueError(f"entity batch of {n} payments x {self.n_features} features (expected {n_features})")
+        for name in ("request_ids", "payment_ids", "payer_wallet_ids", "payer_user_ids", "payee_wallet_ids",
+                     "device_ids", "ips", "currencies"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
-        ts = _column(self.time_ms, I64, n, "time_ms")
-        amount = _column(self.amount_minor, I64, n, "amount_minor")
-        features = _column(self.payer_features, F64, n * self.n_features, "payer_features")
-        return ts, amount, features.reshape(n, self.n_features)
+        partitions = _column(self.partitions, I64, n * N_ROUTE, "partitions").reshape(n, N_ROUTE)
+        if not (partitions == self.partition).any(axis=1).all():
+            raise ValueError(f"a payment of the batch has no key on partition {self.partition}")
+        return EntityColumns(
+            ts_ms=_column(self.time_ms, I64, n, "time_ms"), amount=_column(self.amount_minor, I64, n, "amount_minor"),
+            failed=_column(self.failed_attempts, I64, n, "failed_attempts"),
+            hashes=_column(self.hashes, I64, n * 3, "hashes").reshape(n, 3), partitions=partitions,
+            # A copy: the stage fills the row's columns in place.
+            features=_column(self.features, F64, n * n_features, "features").reshape(n, n_features).copy())
+
+
+@dataclass(frozen=True)
+class EntityColumns:
+    ts_ms: np.ndarray
+    amount: np.ndarray
+    failed: np.ndarray
+    hashes: np.ndarray  # [n, 3]
+    partitions: np.ndarray  # [n, N_ROUTE]
+    features: np.ndarray  # [n, n_features], writable
 
 
 def _column(raw: bytes, dtype: np.dtype, n: int, name: str) -> np.ndarray:
@@ -135,17 +161,19 @@ def _column(raw: bytes, dtype: np.dtype, n: int, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def payee_batch(partition: int, reqs: list[ScoreRequested], features: np.ndarray) -> PayeeBatch:
-    """A PayeeBatch of requests and their payer feature rows (same order)."""
-    n = len(reqs)
-    assert 1 <= n <= MAX_PAYEE_BATCH and features.shape[0] == n, (n, features.shape)
-    return PayeeBatch(
-        partition=partition, count=n, request_ids=[r.id for r in reqs], payment_ids=[r.payment_id for r in reqs],
-        payer_wallet_ids=[r.payer_wallet_id for r in reqs], payer_user_ids=[r.payer_user_id for r in reqs],
-        payee_wallet_ids=[r.payee_wallet_id for r in reqs], currencies=[r.currency for r in reqs],
-        time_ms=np.array([r.ts_ms for r in reqs], dtype=I64).tobytes(),
-        amount_minor=np.array([r.amount_minor for r in reqs], dtype=I64).tobytes(),
-        payer_features=np.ascontiguousarray(features, dtype=F64).tobytes(), n_features=int(features.shape[1]))
+def entity_batch(partition: int, ids: dict[str, list[str]], ts_ms: np.ndarray, amount: np.ndarray,
+                 failed: np.ndarray, hashes: np.ndarray, partitions: np.ndarray, features: np.ndarray) -> EntityBatch:
+    """An EntityBatch of payments (same order in every column) for `partition`."""
+    n = ts_ms.shape[0]
+    assert 1 <= n <= MAX_ENTITY_BATCH and features.shape[0] == n and partitions.shape == (n, N_ROUTE), n
+    assert all(len(v) == n for v in ids.values()), {k: len(v) for k, v in ids.items()}
+    return EntityBatch(
+        partition=partition, count=n, **ids, time_ms=np.ascontiguousarray(ts_ms, dtype=I64).tobytes(),
+        amount_minor=np.ascontiguousarray(amount, dtype=I64).tobytes(),
+        failed_attempts=np.ascontiguousarray(failed, dtype=I64).tobytes(),
+        hashes=np.ascontiguousarray(hashes, dtype=I64).tobytes(),
+        partitions=np.ascontiguousarray(partitions, dtype=I64).tobytes(),
+        features=np.ascontiguousarray(features, dtype=F64).tobytes(), n_features=int(features.shape[1]))
 
 
 def alerts_channel(settings: Any) -> str:
@@ -153,6 +181,12 @@ def alerts_channel(settings: Any) -> str:
     subscribes to it); it carries the topic prefix, since pub/sub channels are shared by
     every Redis database."""
     return settings.topic_prefix + "fraud.alerts"
+
+
+def entity_key(kind: str, value: str) -> str:
+    """The `fraud.entity_features` key of a user, device or IP ("device:<id>"): one table
+    holds the three kinds, the prefix keeps their values apart."""
+    return f"{kind}:{value}"
 
 
 def partition_for_key(key: str, n_partitions: int) -> int:
@@ -170,10 +204,10 @@ DECISIONS: TopicSpec[RiskDecided] = register(TopicSpec(
     "fraud.decisions", RiskDecided, key_field="payer_wallet_id",
     doc="risk decisions (model or analyst review), keyed by payer wallet"))
 
-BY_PAYEE: TopicSpec[PayeeBatch] = register(TopicSpec(
-    "fraud.by_payee", PayeeBatch, key_field=None,
-    doc="payer-scored payments grouped by payee partition (sent to that partition, keyed "
-        "by the first payee: every payee in a batch hashes there)"))
+BY_ENTITY: TopicSpec[EntityBatch] = register(TopicSpec(
+    "fraud.by_entity", EntityBatch, key_field=None,
+    doc="payer-scored payments routed through the partitions of their payee, user, device "
+        "and IP keys (sent to each partition explicitly, no key)"))
 
 ALERTS: TopicSpec[FraudAlert] = register(TopicSpec(
     "fraud.alerts", FraudAlert, key_field="payer_wallet_id",

@@ -2,15 +2,20 @@
 
 * `fraud.payer_features` (key: payer wallet; written by the `fraud.payer` agent from
   `fraud.requests`): the payer row of indicators/fraud_features.py.
-* `fraud.payee_features` (key: payee wallet; written by the `fraud.payee` agent from
-  `fraud.by_payee`): the payee row.
+* `fraud.payee_features` (key: payee wallet; written by the `fraud.entity` agent from
+  `fraud.by_entity`): the payee row.
+* `fraud.entity_features` (keys "user:<id>", "device:<id>", "ip:<id>"; written by the
+  `fraud.entity` agent from `fraud.by_entity`): the entity row of the paying user, the
+  device and the IP (one layout, one table: one changelog topic rather than three).
 
 Each value is the row's little-endian bytes in a `State` (msgspec JSON: base64 bytes,
-~3 KB per payer, ~2 KB per payee); each table has a changelog topic from which a worker
-rebuilds it. `payer_view` / `payee_view` turn a row into named values as of now: the
-routed views `/fraud/payers/{key}` and `/fraud/payees/{key}` serve them from the worker
-that owns the key, and the API's `GET /api/v1/fraud/accounts/{wallet_id}/features`
-calls those views.
+~3 KB per payer, ~2 KB per payee, ~2 KB per user, device or IP); each table has a
+changelog topic from which a worker rebuilds it. `payer_view` / `payee_view` /
+`entity_view` turn a row into named values as of now: the routed views
+`/fraud/payers/{key}`, `/fraud/payees/{key}` and `/fraud/entities/{kind:id}` serve them
+from the worker that owns the key, and the API's
+`GET /api/v1/fraud/accounts/{wallet_id}/features` and
+`GET /api/v1/fraud/entities/{kind}/{id}/features` call those views.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import numpy as np
 from indicators import fraud_features as ff
 from streams.app import FintideApp, state_table
 from streams.events import State, now_ms
-from streams.fraud import BY_PAYEE, REQUESTS
+from streams.fraud import BY_ENTITY, REQUESTS
 
 PAYER_TABLE = "fraud.payer_features"
 PAYEE_TABLE = "fraud.payee_features"
+ENTITY_TABLE = "fraud.entity_features"
 ROW_DTYPE = np.dtype("<f8")
 
 
@@ -40,14 +46,25 @@ class PayeeFeatures(State):
     row: bytes  # float64[PAYEE_WIDTH]
 
 
+class EntityFeatures(State):
+    layout: int
+    kind: str  # "user" | "device" | "ip" (names the view's values)
+    row: bytes  # float64[ENTITY_WIDTH]
+
+
 def payer_table(app: FintideApp) -> faust.Table:
     return state_table(app, PAYER_TABLE, PayerFeatures, source=REQUESTS,
                        help="fraud feature state per payer wallet")
 
 
 def payee_table(app: FintideApp) -> faust.Table:
-    return state_table(app, PAYEE_TABLE, PayeeFeatures, source=BY_PAYEE,
+    return state_table(app, PAYEE_TABLE, PayeeFeatures, source=BY_ENTITY,
                        help="fraud fan-in state per payee wallet")
+
+
+def entity_table(app: FintideApp) -> faust.Table:
+    return state_table(app, ENTITY_TABLE, EntityFeatures, source=BY_ENTITY,
+                       help="fraud feature state per paying user, device and IP")
 
 
 def payer_row(value: PayerFeatures | None) -> np.ndarray:
@@ -66,6 +83,15 @@ def payee_row(value: PayeeFeatures | None) -> np.ndarray:
     assert value.layout == ff.LAYOUT_VERSION, f"payee state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
     row = np.frombuffer(value.row, dtype=ROW_DTYPE).astype(np.float64)
     ff.check_payee_row(row)
+    return row
+
+
+def entity_row(value: EntityFeatures | None) -> np.ndarray:
+    if value is None:
+        return ff.new_entity_rows(1)[0]
+    assert value.layout == ff.LAYOUT_VERSION, f"entity state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
+    row = np.frombuffer(value.row, dtype=ROW_DTYPE).astype(np.float64)
+    ff.check_entity_row(row)
     return row
 
 
@@ -112,4 +138,24 @@ def payee_view(value: PayeeFeatures, at_ms: int | None = None) -> dict[str, Any]
     out: dict[str, Any] = {"as_of_ms": max(now, int(row[ff.PE_LAST_TS])),
                            "last_payment_ms": int(row[ff.PE_LAST_TS]), "payments_received": int(row[ff.PE_SEEN])}
     out.update({name: int(v) for name, v in zip(ff.PAYEE_FEATURES, values, strict=True)})
+    return out
+
+
+def entity_state(kind: str, row: np.ndarray) -> EntityFeatures:
+    assert kind in ff.ENTITY_KINDS, kind
+    ff.check_entity_row(row)
+    return EntityFeatures(layout=ff.LAYOUT_VERSION, kind=kind, row=row.astype(ROW_DTYPE).tobytes())
+
+
+def entity_view(value: EntityFeatures, at_ms: int | None = None) -> dict[str, Any]:
+    """A user / device / IP row as named values (the rule language's names) as of `at_ms`."""
+    row = entity_row(value)
+    now = at_ms if at_ms is not None else now_ms()
+    values = np.empty(ff.N_ENTITY_FEATURES)
+    ff.entity_windows_at(row, now, values)
+    k = ff.ENTITY_KINDS.index(value.kind)
+    names = ff.ENTITY_FEATURES[k * ff.N_ENTITY_FEATURES:(k + 1) * ff.N_ENTITY_FEATURES]
+    out: dict[str, Any] = {"kind": value.kind, "as_of_ms": max(now, int(row[ff.E_LAST_TS])),
+                           "last_payment_ms": int(row[ff.E_LAST_TS]), "payments_seen": int(row[ff.E_SEEN])}
+    out.update({name: int(v) for name, v in zip(names, values, strict=True)})
     return out

@@ -2,13 +2,16 @@
 `fintide worker` runs them, see test_fraud_support.py) and the API on uvicorn.
 
 * Labelled simulator traffic replayed through Kafka gets, payment for payment, the score
-  and decision the same kernels give offline (so the repartition by payee, the tables and
-  the batching change nothing), and every injected pattern is caught live.
+  and decision the same kernels give offline (so the routes through the payee, user,
+  device and IP partitions, the tables and the batching change nothing), and every
+  injected pattern is caught live.
+* A rule over device and IP features catches one device and IP shared by several accounts.
 * Rule edits through the API take effect on the running worker, without a restart.
 * A redelivered request is answered again but counted once.
 * Alerts reach the WebSocket; review decisions reach the saga's topic.
-* The feature rows are served by the owning worker through the API, and survive a worker
-  restart (RocksDB) and a move to a fresh worker (changelog), byte for byte.
+* The feature rows (payer, payee, user, device, IP) are served by the owning worker
+  through the API, and survive a worker restart (RocksDB) and a move to a fresh worker
+  (changelog), byte for byte.
 
 One worker serves the module (a group join costs seconds); the last test restarts it.
 """
@@ -49,6 +52,7 @@ from tests.integration.test_fraud_support import (
 )
 
 T0 = int(time.time() * 1000) - 3_600_000
+STATE_IP = "10.0.9.9"  # used by the state test only
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +161,42 @@ async def test_rule_edits_take_effect_without_a_restart(worker: FraudWorker, set
     assert worker.proc.pid == pid and worker.proc.poll() is None
 
 
+async def test_a_rule_over_device_and_ip_features_catches_a_shared_device(
+        worker: FraudWorker, settings_: Settings, client: httpx.AsyncClient, admin: LoggedIn) -> None:
+    """Four accounts pay from one new device and IP within a minute: from the third on, the
+    device and the IP have each seen three users in the hour, which only the device / IP
+    rows know (each payer's own row sees one payment from a new device)."""
+    tag = uuid.uuid4().hex[:6]
+    before = await rules_version(worker)
+    rule_id = f"shared-device-{tag}"
+    created = await client.post("/api/v1/fraud/rules", headers=admin.headers,
+                                json={"id": rule_id, "action": "review",
+                                      "expression": "device_users_1h >= 3 and ip_users_1h >= 3"})
+    assert created.status_code == 201, created.text
+    await wait_for(lambda: _version_above(worker, before), 30, "the worker to load the rule")
+    now = int(time.time() * 1000)
+    burst = [request(f"w-victim-{tag}-{i}", f"w-mule-{tag}", 4_000, ts_ms=now + 5_000 * i, device=f"atk-{tag}",
+                     ip=f"198.51.100.{i}" if i == 1 else "203.0.113.9") for i in range(4)]
+    async with Decisions(settings_) as decisions:
+        # One by one: the order the device row sees them in is the order asserted on.
+        found = {}
+        for r in burst:
+            await publish(settings_, [r])
+            found.update(await decisions.collect([r.payment_id]))
+    fired = [rule_id in found[r.payment_id].rules_fired for r in burst]
+    # The IP of the second payment differs, so the IP has seen 3 users only at the fourth.
+    assert fired == [False, False, False, True], fired
+    assert found[burst[3].payment_id].decision in ("review", "block")
+    ip = await get_json(f"{worker.url}/fraud/entities/ip:203.0.113.9")
+    assert (ip["kind"], ip["ip_count_1h"], ip["ip_users_1h"], ip["ip_users_24h"]) == ("ip", 3, 3, 3)
+    device = (await client.get(f"/api/v1/fraud/entities/device/atk-{tag}/features", headers=admin.headers)).json()
+    assert device["features"]["device_users_1h"] == 4 and device["features"]["device_count_1h"] == 4
+    unknown = await client.get("/api/v1/fraud/entities/device/never-seen/features", headers=admin.headers)
+    assert unknown.status_code == 404
+    bad_kind = await client.get("/api/v1/fraud/entities/phone/1/features", headers=admin.headers)
+    assert bad_kind.status_code == 422
+
+
 async def _version_above(worker: FraudWorker, version: int) -> bool:
     return await rules_version(worker) > version
 
@@ -235,7 +275,7 @@ async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, set
     """Must stay last: it moves the module's worker."""
     payers = [f"w-state-{i}" for i in range(12)]
     requests_ = [request(p, payers[(i + 1) % len(payers)], 300 + 10 * i + j, ts_ms=T0 + 1_000 * (i * 3 + j),
-                         device=f"d-{j}") for i, p in enumerate(payers) for j in range(3)]
+                         device=f"d-{j}", ip=STATE_IP) for i, p in enumerate(payers) for j in range(3)]
     async with Decisions(settings_) as decisions:
         await publish(settings_, requests_)
         await decisions.collect([r.payment_id for r in requests_])
@@ -243,6 +283,13 @@ async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, set
     api = (await client.get(f"/api/v1/fraud/accounts/{payers[0]}/features", headers=admin.headers)).json()
     assert api["as_payer"]["payments_seen"] == 3 and api["as_payer"]["known_devices"] == 3
     assert api["as_payee"]["payments_received"] == 3 and api["as_payee"]["payee_fanin_24h"] == 1
+    # Every payer paid once from d-0, and all from the same IP: the shared-device rows.
+    device = await get_json(f"{worker.url}/fraud/entities/device:d-0")
+    assert (device["device_count_24h"], device["device_users_24h"]) == (len(payers), len(payers))
+    ip = await get_json(f"{worker.url}/fraud/entities/ip:{STATE_IP}")
+    assert (ip["ip_count_24h"], ip["ip_users_24h"]) == (len(requests_), len(payers))
+    user = await get_json(f"{worker.url}/fraud/entities/user:user-{payers[0]}")
+    assert (user["user_count_24h"], user["user_wallets_24h"]) == (3, 1)
     missing = await client.get("/api/v1/fraud/accounts/w-never-seen/features", headers=admin.headers)
     assert missing.status_code == 404
 
@@ -266,21 +313,26 @@ async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, set
         await wait_for(lambda: _owns_all(again), 120, "the restarted worker owning every partition")
         assert await raw_rows(again.url, payers) == rows
         # ... and carries on from the restored rows.
-        more = request(payers[0], "w-shop", 999, ts_ms=T0 + 500_000)
+        more = request(payers[0], "w-shop", 999, ts_ms=T0 + 500_000, ip=STATE_IP)
         async with Decisions(settings_) as decisions:
             await publish(settings_, [more])
             await decisions.collect([more.payment_id])
         state = await get_json(f"{again.url}/fraud/payers/{payers[0]}")
         assert state["payments_seen"] == 4
+        ip = await get_json(f"{again.url}/fraud/entities/ip:{STATE_IP}")
+        assert ip["payments_seen"] == len(requests_) + 1
     finally:
         worker.proc = again.proc  # the fixture's teardown stops it
 
 
 async def raw_rows(url: str, keys: list[str]) -> dict[str, Any]:
-    """Faust's own table view (routed to the owner): the stored value, row bytes and all."""
+    """Faust's own table view (routed to the owner): the stored value, row bytes and all,
+    of each wallet as payer and payee, its user, and the devices and the IP they used."""
     out = {}
-    for key in keys:
-        for table in ("fraud.payer_features", "fraud.payee_features"):
+    entity_keys = [f"user:user-{key}" for key in keys] + [f"device:d-{j}" for j in range(3)] + [f"ip:{STATE_IP}"]
+    for table, table_keys in (("fraud.payer_features", keys), ("fraud.payee_features", keys),
+                              ("fraud.entity_features", entity_keys)):
+        for key in table_keys:
             value = await get_json(f"{url}/table/{table}/{key}/")
             assert value is not None, (table, key)
             out[f"{table}/{key}"] = value
