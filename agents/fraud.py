@@ -85,11 +85,15 @@ from streams.fraud import (
     EntityColumns,
     FraudAlert,
     RiskDecided,
+    ScoreBatch,
     ScoreRequested,
     alerts_channel,
+    decision_batches,
+    decisions_of,
     entity_batch,
     entity_key,
     partition_for_key,
+    requests_of,
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
 from streams.topics import TopicSpec, bootstrap_servers
@@ -301,9 +305,11 @@ async def decode_events(app: FintideApp, spec: TopicSpec[E], events: Sequence[Ev
 
 
 async def reject_event(app: FintideApp, spec: TopicSpec[Any], event: EventT, exc: Exception,
-                       agent: str) -> Awaitable[Any]:
+                       agent: str, value: bytes | None = None) -> Awaitable[Any]:
+    """Dead-letter a message, or (`value`: its encoding) one event of a batch message."""
     message = event.message
-    record = dead_letter(spec.name, message.partition, message.offset, message.key, message.value, exc, agent,
+    record = dead_letter(spec.name, message.partition, message.offset, message.key,
+                         value if value is not None else message.value, exc, agent,
                          message_ts_ms=int(message.timestamp * 1000) if message.timestamp else None)
     log.warning("dead letter", extra={"topic": spec.name, "partition": message.partition,
                                       "offset": message.offset, "error": record.error})
@@ -329,12 +335,19 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
             pending: list[Awaitable[Any]] = []
             batch = await decode_events(app, REQUESTS, events, AGENT_PAYER, pending)
             valid = []
-            for event, request in batch:
-                problem = scoring.check_request(request)
-                if problem:
-                    pending.append(await reject_event(app, REQUESTS, event, ValueError(problem), AGENT_PAYER))
-                else:
-                    valid.append((event, request))
+            n_partitions = REQUESTS.partition_count(app.settings)
+            for event, value in batch:
+                in_batch = isinstance(value, ScoreBatch)
+                for request in requests_of(value):
+                    problem = scoring.check_request(request)
+                    if problem is None and _partition(request.payer_wallet_id, n_partitions) != event.message.partition:
+                        # The payer row is stored in the partition of the message that carried it.
+                        problem = f"payer wallet hashes to another partition than {event.message.partition}"
+                    if problem:
+                        pending.append(await reject_event(app, REQUESTS, event, ValueError(problem), AGENT_PAYER,
+                                                          value=encode(request) if in_batch else None))
+                    else:
+                        valid.append((event, request))
             if valid:
                 pending += await score_payers(app, store, payers, by_entity, valid)
             await asyncio.gather(*pending)
@@ -551,6 +564,7 @@ async def publish_decisions(app: FintideApp, store: FraudStore, model: scoring.M
     decisions_topic = event_topic(app, DECISIONS)
     alerts_topic = event_topic(app, ALERTS)
     pending = []
+    decisions: list[RiskDecided] = []
     for i, j in enumerate(decided.tolist()):
         code = int(scored.decisions[i])
         decision = RiskDecided(
@@ -560,10 +574,13 @@ async def publish_decisions(app: FintideApp, store: FraudStore, model: scoring.M
             model_version=model.version, payer_user_id=ids["payer_user_ids"][j],
             payee_wallet_id=ids["payee_wallet_ids"][j], amount_minor=int(scored.x[i, 0]),
             currency=ids["currencies"][j])
-        pending.append(await store.send(decisions_topic, decision.payer_wallet_id, encode(decision)))
+        decisions.append(decision)
         if code != rm.ALLOW:
             alert = alert_for(decision)
             pending.append(await store.send(alerts_topic, alert.payer_wallet_id, encode(alert)))
+    # One message per payer-wallet partition: the saga's risk agent pays per message.
+    for batch in decision_batches(decisions, DECISIONS.partition_count(app.settings)):
+        pending.append(await store.send(decisions_topic, batch.payer_wallet_id, encode(batch)))
     for code, name in enumerate(rm.DECISIONS):
         count = int((scored.decisions == code).sum())
         if count:
@@ -587,8 +604,9 @@ def _install_recorders(app: FintideApp, store: FraudStore) -> None:
     async def record_decisions(stream: Any) -> None:
         async for events in stream.take_events(RECORD_MAX, within=RECORD_WITHIN_S):
             pending: list[Awaitable[Any]] = []
-            decided = await decode_events(app, DECISIONS, events, AGENT_RECORDER, pending)
-            rows = [score_row(d) for _, d in decided if d.source == "model"]
+            decided = [d for _, value in await decode_events(app, DECISIONS, events, AGENT_RECORDER, pending)
+                       for d in decisions_of(value)]
+            rows = [score_row(d) for d in decided if d.source == "model"]
             if rows:
                 await with_db_retry(store, lambda conn: db.record_scores(conn, rows))
             await asyncio.gather(*pending)

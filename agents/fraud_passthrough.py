@@ -22,7 +22,7 @@ from agents.payments import (
 )
 from services.payments_events import event_id
 from streams.app import FintideApp, event_topic
-from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested
+from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested, decision_batches, fraud_items_of
 
 AGENT_NAME: Final = "fraud.passthrough"
 MODEL_VERSION: Final = "passthrough"
@@ -46,12 +46,14 @@ def install(app: FintideApp) -> None:
     async def passthrough(stream: Any) -> None:
         async for batch in stream.take_events(settings.payments_batch_max,
                                               within=settings.payments_batch_wait_ms / 1000):
-            items = await decode_items(app, REQUESTS, batch, AGENT_NAME)
+            items = await decode_items(app, REQUESTS, batch, AGENT_NAME, fraud_items_of)
             await process_batch(app, REQUESTS, batch, AGENT_NAME, functools.partial(answer, rt, items))
 
 
 async def answer(rt: Runtime, items: list[Item[ScoreRequested]]) -> int:
     decisions = [decision_for(item.value) for item in items]
     if decisions:
-        await retrying(functools.partial(rt.publish_many, DECISIONS, decisions))
+        # One message per payer-wallet partition, as the saga sends its requests.
+        batches = decision_batches(decisions, DECISIONS.partition_count(rt.settings))
+        await retrying(functools.partial(rt.publish_many, DECISIONS, batches))
     return len(items)

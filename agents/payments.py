@@ -61,7 +61,7 @@ from streams.app import FintideApp, dead_letter_topic, event_topic, routed_table
 from streams.codec import DecodeFailure, encode, to_builtins
 from streams.dlq import EmptyValue, dead_letter
 from streams.events import now_ms
-from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested
+from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested, fraud_items_of, score_batches
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
 from streams.payments import (
     LEDGER,
@@ -224,8 +224,9 @@ class Item(Generic[T]):
 
 
 async def decode_items(app: FintideApp, spec: TopicSpec[Any], batch: Sequence[EventT[Any]], agent: str,
-                       ) -> list[Item[Any]]:
-    """The events of a batch of messages, batches unpacked; bad messages dead-lettered."""
+                       unpack: Callable[[Any], Sequence[Any]] = items_of) -> list[Item[Any]]:
+    """The events of a batch of messages, batches unpacked (`unpack`: the topic's batch
+    form, `streams.fraud.fraud_items_of` for the fraud topics); bad messages dead-lettered."""
     items: list[Item[Any]] = []
     for message_event in batch:
         value = message_event.message.value
@@ -236,7 +237,7 @@ async def decode_items(app: FintideApp, spec: TopicSpec[Any], batch: Sequence[Ev
         except (*DecodeFailure, EmptyValue) as exc:
             await send_dead_letter(app, spec, message_event, exc, agent)
             continue
-        items += [Item(v, message_event) for v in items_of(decoded)]
+        items += [Item(v, message_event) for v in unpack(decoded)]
     return items
 
 
@@ -378,7 +379,7 @@ def install(app: FintideApp) -> None:
     @app.agent(event_topic(app, DECISIONS), name=RISK_AGENT)
     async def risk_agent(stream: Any) -> None:
         async for batch in stream.take_events(batch_max, within=within_s):
-            items = await decode_items(app, DECISIONS, batch, RISK_AGENT)
+            items = await decode_items(app, DECISIONS, batch, RISK_AGENT, fraud_items_of)
             await process_batch(app, DECISIONS, batch, RISK_AGENT, functools.partial(on_decisions, saga, items))
 
     @app.agent(event_topic(app, LEDGER), name=PROJECTION_AGENT)
@@ -549,7 +550,9 @@ async def request_scores(b: _Batch) -> None:
             payer_wallet_id=wallet, payee_wallet_id=str(p.to_account_id), amount_minor=p.amount_minor,
             currency=p.currency, failed_attempts=draft.failed_attempts(b.now_ms), **events.payment_context(p)))
         draft.await_risk(str(pid), p.amount_minor, deadline)
-    await retrying(lambda: b.saga.rt.publish_many(REQUESTS, asks))
+    # One message per payer-wallet partition (fraud.score_batch): the scorer pays per message.
+    batches = score_batches(asks, REQUESTS.partition_count(settings))
+    await retrying(lambda: b.saga.rt.publish_many(REQUESTS, batches))
     for pid, (_, p) in b.to_score.items():
         b.saga.deadlines.add(str(pid), str(p.from_account_id), p.amount_minor, deadline)
 

@@ -509,15 +509,15 @@ class DecisionCollector:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        from streams.fraud import DECISIONS
+        from streams.fraud import DECISIONS, decisions_of
 
         while True:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=5_000)
             for records in batch.values():
                 for record in records:
-                    event = DECISIONS.decode(record.value)
-                    if event.source == "model" and event.payment_id in self.wanted:
-                        self.found.setdefault(event.payment_id, (event.score, event.decision))
+                    for event in decisions_of(DECISIONS.decode(record.value)):
+                        if event.source == "model" and event.payment_id in self.wanted:
+                            self.found.setdefault(event.payment_id, (event.score, event.decision))
             if batch:
                 self._changed.set()
 
@@ -564,11 +564,12 @@ async def publish_online(settings: Settings, data: Labelled, rate: float | None,
     the entity stage then sees payments hours out of event order across payer partitions
     (real traffic arrives milliseconds apart), and its fan-in, user, device and IP
     features differ from offline."""
-    from streams.fraud import REQUESTS
+    from streams.fraud import REQUESTS, score_batches
     from streams.publisher import EventPublisher
 
     behind = int(time.time() * 1000) - int(data.traffic.ts_ms[-1])
     shift = (behind // SHIFT_UNIT_MS) * SHIFT_UNIT_MS  # the traffic ends within the last hour
+    n = REQUESTS.partition_count(settings)  # requests go out as one fraud.score_batch per partition, like the saga's
     collector = DecisionCollector(settings, set(data.payment_ids))
     await collector.start()
     started = time.perf_counter()
@@ -577,14 +578,14 @@ async def publish_online(settings: Settings, data: Labelled, rate: float | None,
             if rate is None:
                 for lo, hi in lockstep_chunks(data.traffic):
                     events = [request_at(data, i, shift) for i in range(lo, hi)]
-                    await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
+                    await publisher.publish_many(REQUESTS.name, [(None, b) for b in score_batches(events, n)])
                     if not await collector.wait_for([e.payment_id for e in events], wait_s):
                         break
             else:
                 step = max(1, min(1_000, int(rate // 20) or 1))
                 for lo in range(0, len(data), step):
                     events = [request_at(data, i, shift) for i in range(lo, min(lo + step, len(data)))]
-                    await publisher.publish_many(REQUESTS.name, [(None, e) for e in events])
+                    await publisher.publish_many(REQUESTS.name, [(None, b) for b in score_batches(events, n)])
                     ahead = (lo + step) / rate - (time.perf_counter() - started)
                     if ahead > 0:
                         await asyncio.sleep(ahead)

@@ -203,13 +203,20 @@ class Decisions:
         class Head(msgspec.Struct):
             payment_id: str
 
-        decoder = msgspec.json.Decoder(Head)
+        class Message(msgspec.Struct):
+            # A single decision, or a fraud.decision_batch of them.
+            payment_id: str = ""
+            decisions: list[Head] = []
+
+        decoder = msgspec.json.Decoder(Message)
         while True:
             batch = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
             now = time.perf_counter()
             for records in batch.values():
                 for record in records:
-                    self.at.setdefault(decoder.decode(record.value).payment_id, now)
+                    message = decoder.decode(record.value)
+                    for head in message.decisions or [message]:
+                        self.at.setdefault(head.payment_id, now)
 
     async def wait(self, ids: Sequence[str], timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
         deadline = time.monotonic() + timeout_s

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from msgspec.structs import replace
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
@@ -36,7 +36,9 @@ from websockets.asyncio.client import connect
 from ops.embedded import EmbeddedStack
 from ops.settings import Settings
 from ops.simulate import PATTERNS, generate, publish_online
-from streams.fraud import REQUESTS, alerts_channel
+from streams.codec import encode
+from streams.fraud import REQUESTS, ScoreBatch, alerts_channel
+from streams.publisher import EventPublisher
 from streams.topics import bootstrap_servers, dlq_name, full_name
 from tests.helpers.auth import LoggedIn, register_and_login
 from tests.integration.test_fraud_support import (
@@ -109,26 +111,49 @@ async def test_live_decisions_equal_offline_and_every_pattern_is_caught(worker: 
 
 
 async def test_bad_requests_are_dead_lettered(worker: FraudWorker, settings_: Settings) -> None:
+    """A bad single request, a bad request inside a fraud.score_batch (dead-lettered alone:
+    the rest of its batch is scored) and a malformed batch (dead-lettered whole)."""
     bad = request("w-bad", "w-x", 1, ts_ms=T0)
     bad = replace(bad, amount_minor=0)  # the schema allows it; the scorer refuses it
+    batched_bad = replace(request("w-bad2", "w-x", 1, ts_ms=T0), amount_minor=-5)
+    good = request("w-bad2", "w-x", 1_500, ts_ms=T0 + 1)
     consumer = AIOKafkaConsumer(full_name(settings_, dlq_name(REQUESTS.name)),
                                 bootstrap_servers=bootstrap_servers(settings_), auto_offset_reset="earliest",
                                 fetch_max_wait_ms=5)
     await consumer.start()
+    letters: list[dict[str, Any]] = []
     try:
-        await publish(settings_, [bad])
+        async with Decisions(settings_) as decisions, EventPublisher(settings_) as publisher:
+            await publish(settings_, [bad])
+            await publisher.publish("fraud.requests", None,
+                                    ScoreBatch(payer_wallet_id="w-bad2", requests=[batched_bad, good]))
+            # Empty: refused when decoded (a batch holds 1..MAX_FRAUD_BATCH events).
+            raw = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings_))
+            await raw.start()
+            try:
+                empty = json.loads(encode(ScoreBatch(payer_wallet_id="w-bad3", requests=[good])))
+                empty["requests"] = []
+                await raw.send_and_wait(full_name(settings_, REQUESTS.name), key=b"w-bad3",
+                                        value=json.dumps(empty).encode())
+            finally:
+                await raw.stop()
+            decided = (await decisions.collect([good.payment_id]))[good.payment_id]
+        assert decided.payer_wallet_id == "w-bad2"
         deadline = time.monotonic() + 60
-        found = None
-        while found is None and time.monotonic() < deadline:
+        while len(letters) < 3 and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    letter = json.loads(record.value)
-                    if bad.payment_id in letter["value"]:
-                        found = letter
-        assert found is not None and "amount_minor must be positive" in found["error"]
-        assert found["agent"] == "fraud.payer"
+                letters += [json.loads(record.value) for record in records]
     finally:
         await consumer.stop()
+    by_payment = {p.payment_id: next((x for x in letters if p.payment_id in x["value"]), None)
+                  for p in (bad, batched_bad, good)}
+    assert by_payment[bad.payment_id] is not None and "amount_minor must be positive" in by_payment[bad.payment_id]["error"]
+    assert by_payment[bad.payment_id]["agent"] == "fraud.payer"
+    # The batch member is dead-lettered as itself, not with its batch (the good one was scored).
+    alone = by_payment[batched_bad.payment_id]
+    assert alone is not None and json.loads(alone["value"])["payment_id"] == batched_bad.payment_id
+    assert by_payment[good.payment_id] is None
+    assert any("w-bad3" in x["value"] and "1..1000" in x["error"] for x in letters), letters
 
 
 # ----------------------------------------------------------------------------- rules

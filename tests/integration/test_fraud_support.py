@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer
 
 from ops.embedded import EmbeddedStack, free_port
 from ops.settings import Settings, load_settings
-from streams.fraud import DECISIONS, RiskDecided, ScoreRequested
+from streams.fraud import DECISIONS, RiskDecided, ScoreRequested, decisions_of
 from streams.publisher import EventPublisher
 from streams.topics import bootstrap_servers, full_name
 from tests.conftest import TEMPLATE_DB, _db_url
@@ -167,7 +167,7 @@ class Decisions:
             assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
             batch = await self._consumer.getmany(timeout_ms=200)
             for records in batch.values():
-                self.seen += [DECISIONS.decode(r.value) for r in records]
+                self.seen += [d for r in records for d in decisions_of(DECISIONS.decode(r.value))]
 
 
 async def publish(settings: Settings, requests: Sequence[ScoreRequested]) -> None:

@@ -22,7 +22,7 @@ import websockets
 from ops.embedded import EmbeddedStack
 from services import payments
 from services.payments import TransferRequest
-from streams.fraud import REQUESTS
+from streams.fraud import REQUESTS, requests_of
 from streams.payments import (
     PAYMENTS,
     PaymentEventBatch,
@@ -111,8 +111,10 @@ async def test_rest_payment_runs_the_saga_and_pushes_every_step(env: Env) -> Non
                     for w, u in ((source, payer), (target, payee))]
         assert [(b["posted_minor"], b["reserved_minor"]) for b in balances] == [(7_500, 0), (2_500, 0)]
     # The fraud step saw what the client sent with the request.
-    requests = await read_topic(env.settings, REQUESTS, lambda vs: any(v.payment_id == payment_id for v in vs))
-    asked = next(v for v in requests if v.payment_id == payment_id)
+    # The saga sends fraud.score_batch messages: read their requests.
+    requests = await read_topic(env.settings, REQUESTS,
+                                lambda vs: any(r.payment_id == payment_id for v in vs for r in requests_of(v)))
+    asked = next(r for v in requests for r in requests_of(v) if r.payment_id == payment_id)
     assert (asked.device_id, asked.country, asked.ip, asked.amount_minor) == ("device-7", "IN", "127.0.0.1", 2_500)
     assert (asked.payer_wallet_id, asked.payee_wallet_id, asked.payer_user_id) == (source, target, str(payer.user_id))
     await assert_saga_sound(env.pool)

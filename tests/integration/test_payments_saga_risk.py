@@ -22,7 +22,7 @@ from db.engine import create_pool
 from db.payments import Account
 from ops.embedded import EmbeddedStack
 from ops.settings import Settings
-from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested
+from streams.fraud import DECISIONS, REQUESTS, RiskDecided, ScoreRequested, requests_of
 from streams.payments import PAYMENTS, PaymentRequested
 from streams.publisher import EventPublisher
 from streams.topics import full_name
@@ -64,8 +64,8 @@ class Scorer:
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         try:
             async for record in consumer:
-                request = REQUESTS.decode(record.value)
-                self.seen.setdefault(request.payment_id, []).append(request)
+                for request in requests_of(REQUESTS.decode(record.value)):
+                    self.seen.setdefault(request.payment_id, []).append(request)
         finally:
             await consumer.stop()
 
