@@ -94,6 +94,13 @@ class EmptyValue(ValueError):
     """A message without a value (a tombstone) on an event topic."""
 
 
+async def dead_letter_event(app: FintideApp, spec: TopicSpec[Any], message_event: EventT[Any], error: Exception,
+                            agent_name: str) -> None:
+    """Dead-letter one event of a take_events() batch (`reject` is for typed_stream bodies)."""
+    await _dead_letter(app, spec, message_event, error, agent_name)
+    EVENTS_DLQ.labels(spec.name).inc()
+
+
 def _decode(spec: TopicSpec[E], message_event: EventT[Any]) -> E:
     value = message_event.message.value
     if not value:
