@@ -1,23 +1,28 @@
 """Market agents: tick batches -> bars, indicators, signals, confidence, outcomes.
 
-`market.ticks` agent (one message = one TickBatch of one partition, up to 16k ticks):
+`market.ticks` agent (one message = one TickBatch of one partition, up to 16k ticks; the
+agent takes what has arrived, up to TICK_TAKE_MAX messages, and handles it partition by
+partition, each partition's messages in offset order):
 
 1. decode the columns (malformed -> dead letter), map the batch's symbols to state rows
    (loading a partition's rows from the tables on its first batch after an assignment),
    drop symbols that already applied this (source, seq): a redelivered batch is a no-op;
-2. ONE Numba call, `process_ticks`: bars (+ watermark flush of quiet symbols) -> indicator
-   bank -> signal rules -> confidence -> outcomes -> online learning, over every tick and
-   bar of the batch, with no Python per tick or per bar;
+2. ONE Numba call per message, `process_ticks`: bars (+ watermark flush of quiet symbols)
+   -> indicator bank -> signal rules -> confidence -> outcomes -> online learning, over
+   every tick and bar of the batch, with no Python per tick or per bar;
 3. emit closed bars to `market.bars` (one BarBatch), signals and outcomes to
    `market.signals`, hand the live updates to the Redis fan-out (bounded, never blocks);
-4. write back to the RocksDB tables (tables/market.py): one partition row per batch (watermark,
-   models, the hot states of symbols that changed), plus the own rows of symbols whose bars
-   closed and their stream rows.
+4. write back to the RocksDB tables (tables/market.py), once per partition per take: one
+   partition row (watermark, models, the hot states of symbols that changed), plus the own
+   rows of symbols whose bars closed and their stream rows.
 
-Why one message at a time rather than `stream.take(N, within=T)`: Faust stores a table
-write in the partition of the *current* message; a take() buffer mixes partitions, so its
-writes would land in the wrong partition. A message already carries up to 16k ticks, which
-amortises Faust's per-message cost (docs/benchmarks/market.md measures both paths).
+Why a write-back per take and not per message: the state write (serialisation, RocksDB,
+a changelog record) cost as much as the kernels, per message; with one per take, a worker
+that falls behind catches up, because the more messages wait, the fewer writes each pays
+(docs/benchmarks/market.md). Faust stores a table write in the partition of the *current*
+message and a take mixes partitions, so each partition's write-back runs as one of its
+own messages (`streams.app.acting_for`). The kernels still run once per message, so the
+values do not depend on how messages are grouped.
 
 `market.signals` and `market.bars` agents persist signals, outcomes, 1m+ bars and
 instruments to PostgreSQL with `take_events(N, within=T)`: the offsets are committed only
@@ -74,10 +79,16 @@ from services.market import (
     SignalView,
     Update,
 )
-from streams.app import FintideApp, dead_letter_topic, event_topic, send_event
+from streams.app import (
+    FintideApp,
+    acting_for,
+    dead_letter_topic,
+    event_topic,
+    send_event,
+)
 from streams.codec import DecodeFailure
 from streams.codec import encode as encode_event
-from streams.dlq import dead_letter, reject, typed_stream
+from streams.dlq import EmptyValue, dead_letter, dead_letter_event
 from streams.market import (
     BARS,
     INTERVALS_MS,
@@ -90,6 +101,7 @@ from streams.market import (
     MalformedBatch,
     Signal,
     SignalOutcome,
+    TickBatch,
     TickColumns,
     bar_batch,
     interval_name,
@@ -124,7 +136,12 @@ SIGNALS_OUT = Counter("fintide_market_signals_total", "Signals fired.", ["strate
 OUTCOMES_OUT = Counter("fintide_market_outcomes_total", "Signal outcomes resolved.")
 DEDUPED = Counter("fintide_market_ticks_deduped_total", "Ticks skipped because their batch was already applied.")
 STATE_RESETS = Counter("fintide_market_state_resets_total", "Stored rows that did not fit the layout and were reset.")
-BATCH_SECONDS = Histogram("fintide_market_batch_seconds", "Time to process one tick batch (kernel + emit + state).",
+# The tick agent takes up to this many messages at once (each up to MAX_BATCH_TICKS ticks)
+# and waits at most this long for more: one state write-back per partition per take.
+TICK_TAKE_MAX = 64
+TICK_TAKE_WITHIN_S = 0.005
+BATCH_SECONDS = Histogram("fintide_market_batch_seconds",
+                          "Time to process one partition's tick messages of a take (kernels + emit + state).",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 
 
@@ -337,6 +354,13 @@ class _Partition:
     # Rows whose current SymbolState lives only in the partition row (`hot`), with the
     # state last written there (rebuilt only when the row changes).
     hot: dict[int, SymbolState] = field(default_factory=dict)
+    # Applied since the last flush(): rows changed, rows with a closed bar, streams with a
+    # bar, the last signal per row. flush() writes them and empties these.
+    changed: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+    streams: set[int] = field(default_factory=set)
+    signals: dict[int, LastSignal] = field(default_factory=dict)
+    dirty: bool = False
 
 
 class MarketEngine:
@@ -345,10 +369,11 @@ class MarketEngine:
     Rows: symbol row r holds the symbol's bars; stream row r * n_intervals + k holds its
     interval k bank, rules and outcome rows. A partition's rows are loaded from the store
     on its first batch (after an assignment, so after Faust restored the tables) and
-    forgotten on revocation (`release`); after each batch the touched rows are written
-    back, so the store always equals the in-memory state between batches. A symbol's
-    state is written to the partition row (one write per batch) until one of its bars
-    closes, when its own row is written with its stream rows (tables/market.py).
+    forgotten on revocation (`release`). `apply` runs one batch in memory; `flush` writes
+    the rows a partition's batches touched since the last flush, so the store equals the
+    in-memory state after each flush (`process` = apply + flush). A symbol's state is
+    written to the partition row (one write per flush) until one of its bars closes, when
+    its own row is written with its stream rows (tables/market.py).
     """
 
     def __init__(self, store: StateStore, config: EngineConfig | None = None) -> None:
@@ -530,6 +555,15 @@ class MarketEngine:
 
     def process(self, partition: int, source: str, seq: int, cols: TickColumns) -> BatchResult:
         """Run one tick batch of `partition` and write back the rows it touched."""
+        result = self.apply(partition, source, seq, cols)
+        self.flush(partition)
+        return result
+
+    def apply(self, partition: int, source: str, seq: int, cols: TickColumns) -> BatchResult:
+        """Run one tick batch of `partition` in memory; `flush(partition)` writes it back.
+
+        Batches applied between two flushes give exactly the values they give one flush
+        each: only how often the state is checkpointed differs."""
         part = self._partition(partition)
         local_rows = np.array([self._row(s, partition) for s in cols.symbols], dtype=np.int64)
         fresh = np.array([self.applied[r].get(source, -1) < seq for r in local_rows], dtype=bool)
@@ -549,7 +583,7 @@ class MarketEngine:
         out = self._run_kernel(part, rows, ts, price, size, watermark)
         result = self._emit(partition, sym, ts, local_rows, out)
         result.skipped_ticks = skipped
-        self._write_back(partition, part, local_rows[fresh], source, seq, out, result)
+        self._note_applied(part, local_rows[fresh], source, seq, out, result)
         return result
 
     def _row(self, symbol: str, partition: int) -> int:
@@ -719,8 +753,8 @@ class MarketEngine:
 
     # -- write back --------------------------------------------------------------------------------------
 
-    def _write_back(self, partition: int, part: _Partition, applied_rows: np.ndarray, source: str, seq: int,
-                    out: tuple[Any, ...], result: BatchResult) -> None:
+    def _note_applied(self, part: _Partition, applied_rows: np.ndarray, source: str, seq: int,
+                      out: tuple[Any, ...], result: BatchResult) -> None:
         nb = int(out[0])
         for r in applied_rows.tolist():
             marks = self.applied[r]
@@ -728,11 +762,25 @@ class MarketEngine:
             marks[source] = seq
             while len(marks) > MAX_SOURCES:
                 del marks[next(iter(marks))]
-        b_sym, b_stream = self._b[0][:nb], self._b[5][:nb]
         # Rows with a closed bar (ticks or a watermark flush; signals and outcomes, which
         # bump seq, come from bars too) get their own row written with their stream rows.
-        closed = set(np.unique(b_sym).tolist())
-        changed = set(applied_rows.tolist()) | closed
+        closed = set(np.unique(self._b[0][:nb]).tolist())
+        part.closed |= closed
+        part.changed |= set(applied_rows.tolist()) | closed
+        part.streams.update(np.unique(self._b[5][:nb]).tolist())
+        for s in result.signals:
+            row = self.row_of[s.symbol]
+            self.signal_count[row] += 1
+            part.signals[row] = LastSignal(symbol=s.symbol, signal=s, count=self.signal_count[row])
+        part.dirty = True
+
+    def flush(self, partition: int) -> None:
+        """Write what the partition's batches changed since the last flush (nothing if none,
+        or if the partition was released meanwhile: its new owner replays those batches)."""
+        part = self.partitions.get(partition)
+        if part is None or not part.dirty:
+            return
+        closed, changed = part.closed, part.changed
         for row in changed:
             self.version[row] += 1
         for row in closed:
@@ -744,17 +792,17 @@ class MarketEngine:
             part.hot.clear()
         for row in sorted(closed):
             self.store.put_symbol(self._symbol_state(row, partition))
-        for stream in np.unique(b_stream).tolist():
+        for stream in sorted(part.streams):
             self.store.put_stream(self._stream_state(stream))
-        for s in result.signals:
-            row = self.row_of[s.symbol]
-            self.signal_count[row] += 1
-            self.store.put_last_signal(LastSignal(symbol=s.symbol, signal=s, count=self.signal_count[row]))
-        # One write per batch carries the watermark, the models and every hot symbol state.
+        for _, last in sorted(part.signals.items()):
+            self.store.put_last_signal(last)
+        # One write per flush carries the watermark, the models and every hot symbol state.
         block = self.models.state[part.slot * N_STRATEGIES:(part.slot + 1) * N_STRATEGIES]
         hot = sorted((state.symbol, state) for state in part.hot.values())
         self.store.put_partition(PartitionState(partition=partition, max_event_ms=part.max_event_ms,
                                                 models=row_bytes(block), hot=dict(hot)))
+        part.changed, part.closed, part.streams, part.signals = set(), set(), set(), {}
+        part.dirty = False
 
     def _symbol_state(self, row: int, partition: int) -> SymbolState:
         name = self.names[row]
@@ -883,28 +931,9 @@ def install(app: FintideApp) -> None:
 
     @app.agent(ticks_topic, name=TICKS_AGENT)
     async def process_tick_batches(stream: Any) -> None:
-        async for batch in typed_stream(stream, TICKS):
-            partition = stream.current_event.message.partition
-            try:
-                cols = batch.columns()
-                check_partition(batch, partition, n_partitions)
-            except MalformedBatch as exc:
-                await reject(stream, TICKS, exc)
-                continue
-            started = time.perf_counter()
-            try:
-                result = engine.process(partition, batch.source, batch.seq, cols)
-            except Exception as exc:  # decided: dead-letter the batch, keep the worker up
-                # A batch the kernels refuse (e.g. more than a bound allows) must not crash the
-                # worker into a redelivery loop. Its partition's rows may be half-updated in
-                # memory: drop them, the next batch reloads them from the tables.
-                log.exception("market batch failed; dead-lettered", extra={"partition": partition})
-                engine.release([partition])
-                await reject(stream, TICKS, exc)
-                continue
-            await emit(app, result)
-            conns.submit(result.fanout)
-            BATCH_SECONDS.observe(time.perf_counter() - started)
+        async for events in stream.take_events(TICK_TAKE_MAX, within=TICK_TAKE_WITHIN_S):
+            for partition, group in by_partition(events):
+                await run_group(app, engine, conns, partition, group)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: Any, revoked: Any, **_: Any) -> None:
@@ -915,6 +944,83 @@ def install(app: FintideApp) -> None:
         _install_persistence(app, conns)
     else:
         log.warning("FINTIDE_DATABASE_URL is not set: signals and bars are not persisted")
+
+
+def by_partition(events: Sequence[Any]) -> list[tuple[int, list[Any]]]:
+    """A take_events() batch split by partition, each part in offset order."""
+    groups: dict[int, list[Any]] = {}
+    for event in events:
+        groups.setdefault(event.message.partition, []).append(event)
+    return sorted(groups.items())
+
+
+async def run_group(app: FintideApp, engine: MarketEngine, conns: MarketConnections, partition: int,
+                    group: Sequence[Any]) -> None:
+    """Apply one partition's tick messages in offset order, emit their bars, signals and
+    live updates, then write the partition's state back once.
+
+    One write-back per group instead of per message: under backlog the groups grow and the
+    state writes (and their changelog records) shrink per message. Outputs are sent before
+    the state is written and Faust acknowledges the group's messages only after this
+    returns, so a crash anywhere redelivers the group onto the state of the last flush: the
+    per-(source, seq) marks make the replay apply (and emit) exactly what was not stored."""
+    started = time.perf_counter()
+    n_partitions = TICKS.partition_count(app.settings)
+    batches = []
+    for event in group:
+        decoded = await tick_columns(app, event, partition, n_partitions)
+        if decoded is not None:
+            batches.append((event, *decoded))
+    results, failed = apply_group(engine, partition, batches)
+    for result in results:
+        await emit(app, result)
+        conns.submit(result.fanout)
+    for event, exc in failed:
+        await dead_letter_event(app, TICKS, event, exc, TICKS_AGENT)
+    with acting_for(group[-1]):
+        engine.flush(partition)
+    EVENTS_PROCESSED.labels(TICKS.name, TICKS_AGENT).inc(len(results))
+    BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+def apply_group(engine: MarketEngine, partition: int,
+                batches: Sequence[tuple[Any, TickBatch, TickColumns]]) -> tuple[list[BatchResult], list[tuple[Any, Exception]]]:
+    """`engine.apply` each batch; the results, and the batches the kernels refused.
+
+    A refused batch (e.g. more than a bound allows) must not crash the worker into a
+    redelivery loop: it is dead-lettered. Its partition's rows may be half-updated in
+    memory, so they are dropped, reloaded from the last flush and the group's earlier
+    batches applied again (their results are already in hand)."""
+    results: list[BatchResult] = []
+    failed: list[tuple[Any, Exception]] = []
+    applied: list[tuple[TickBatch, TickColumns]] = []
+    for event, batch, cols in batches:
+        try:
+            results.append(engine.apply(partition, batch.source, batch.seq, cols))
+        except Exception as exc:  # decided: dead-letter the batch, keep the worker up
+            log.exception("market batch failed; dead-lettered", extra={"partition": partition})
+            engine.release([partition])
+            for earlier, earlier_cols in applied:
+                engine.apply(partition, earlier.source, earlier.seq, earlier_cols)
+            failed.append((event, exc))
+            continue
+        applied.append((batch, cols))
+    return results, failed
+
+
+async def tick_columns(app: FintideApp, event: Any, partition: int,
+                       n_partitions: int) -> tuple[TickBatch, TickColumns] | None:
+    """A message's tick batch and its columns; None (dead-lettered) when malformed."""
+    try:
+        if not event.message.value:
+            raise EmptyValue("message has no value")
+        batch = TICKS.decode(event.message.value)
+        columns = batch.columns()
+        check_partition(batch, partition, n_partitions)
+    except (*DecodeFailure, EmptyValue, MalformedBatch) as exc:
+        await dead_letter_event(app, TICKS, event, exc, TICKS_AGENT)
+        return None
+    return batch, columns
 
 
 def check_partition(batch: Any, partition: int, n_partitions: int) -> None:

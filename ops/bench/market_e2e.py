@@ -133,6 +133,7 @@ class ThroughputRun:
     raw_consumer_decode: float
     worker: float
     live: float
+    worker_cpu_us_per_message: float  # worker CPU time per tick message while draining
 
 
 async def _feed(settings: Settings, symbols: str, ticks: int, seconds: float = 0.0,
@@ -172,26 +173,35 @@ async def _raw_read(settings: Settings, n_messages: int, decode: bool) -> tuple[
         await consumer.stop()
 
 
-async def _drain_rate(worker: subprocess.Popen[bytes], url: str, total: int) -> float:
-    """Ticks/s while the worker drains the backlog, from its own counter: between 10 % and
-    90 % of the backlog, so the group join (and its second rebalance, which Faust often does
-    right after starting) and the tail are not in the figure."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drain_rate(worker: subprocess.Popen[bytes], url: str, total: int) -> tuple[float, float]:
+    """Ticks/s while the worker drains the backlog, from its own counter, and the worker's
+    CPU seconds per tick meanwhile: between 10 % and 90 % of the backlog, so the group join
+    (and its second rebalance, which Faust often does right after starting) and the tail
+    are not in the figures. CPU per tick does not depend on how much of the machine the
+    worker got, so it compares code on a loaded machine where the rate cannot."""
     first_t = last_t = 0.0
     first_n = last_n = 0.0
+    first_cpu = last_cpu = 0.0
     deadline = time.monotonic() + 600
     while last_n < 0.9 * total and time.monotonic() < deadline:
         if worker.poll() is not None:
             raise RuntimeError("worker exited")
         n = await _ticks_processed(url)
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), _cpu_s(worker.pid)
         if n >= 0.1 * total and first_t == 0.0:
-            first_t, first_n = now, n
+            first_t, first_n, first_cpu = now, n, cpu
         if n > last_n:
-            last_t, last_n = now, n
+            last_t, last_n, last_cpu = now, n, cpu
         await asyncio.sleep(0.05)
     if last_t <= first_t:
         raise RuntimeError("worker processed nothing measurable")
-    return (last_n - first_n) / (last_t - first_t)
+    return (last_n - first_n) / (last_t - first_t), (last_cpu - first_cpu) / (last_n - first_n)
 
 
 async def throughput_run(base: Settings, ticks: int, symbols: str, live_s: float, batch_ticks: int) -> ThroughputRun:
@@ -205,7 +215,7 @@ async def throughput_run(base: Settings, ticks: int, symbols: str, live_s: float
     url = f"http://127.0.0.1:{settings.worker_web_port}"
     try:
         await _wait_http(url + "/metrics", worker, "worker")
-        worker_rate = await _drain_rate(worker, url, ticks)
+        worker_rate, cpu_per_tick = await _drain_rate(worker, url, ticks)
         # Live: feed and worker together for live_s; the rate the worker sustains meanwhile.
         before, t0 = await _ticks_processed(url), time.perf_counter()
         await _feed(settings, symbols, 0, seconds=live_s, batch_ticks=batch_ticks)
@@ -214,7 +224,8 @@ async def throughput_run(base: Settings, ticks: int, symbols: str, live_s: float
     finally:
         _stop(worker)
     return ThroughputRun(feed=feed_rate, raw_consumer=ticks / raw_s, raw_consumer_decode=n_ticks / dec_s,
-                         worker=worker_rate, live=live)
+                         worker=worker_rate, live=live,
+                         worker_cpu_us_per_message=cpu_per_tick * ticks / n_batches * 1e6)
 
 
 # -- latency ----------------------------------------------------------------------------------------
@@ -359,6 +370,8 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
               f"median of {args.runs} (ticks/s):")
         for name in ("feed", "raw_consumer", "raw_consumer_decode", "worker", "live"):
             print(f"  {name:22s} {_median([getattr(r, name) for r in runs]):>14,.0f}")
+        cpu = _median([r.worker_cpu_us_per_message for r in runs])
+        print(f"  worker CPU per message {cpu:>13,.0f} us")
     if args.mode in ("latency", "all"):
         lat = []
         for _ in range(args.runs):

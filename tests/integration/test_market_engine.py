@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agents.market import DictStore, EngineConfig, MarketEngine
+from agents.market import DictStore, EngineConfig, MarketEngine, apply_group
 from indicators.bank import IndicatorBank
 from indicators.bars import BarAggregator
 from indicators.confidence import ConfidenceModel
@@ -188,3 +188,64 @@ def test_the_newer_of_a_symbols_row_and_its_hot_entry_wins_on_restore() -> None:
     assert store.symbol_state("A") == store.symbols["A"] and store.symbols["A"].version == 2
     rest = _run(MarketEngine(store, config), batches[2:])
     assert [b.rows() for r in rest for b in r.bars] == [b.rows() for r in straight[2:] for b in r.bars]
+
+
+def _reloaded(store: DictStore) -> dict[str, Any]:
+    """What a fresh engine on `store` holds for every symbol: its rows as restored."""
+    engine = MarketEngine(store)
+    for p in store.partitions:
+        engine._partition(p)
+    return {s: (engine.bars.state[r].tobytes(), engine.seq[r], dict(engine.applied[r]),
+                [engine.bank.state[r * engine.n_int + k].tobytes() for k in range(engine.n_int)])
+            for s, r in engine.row_of.items()}
+
+
+def test_batches_applied_between_flushes_give_what_one_flush_per_batch_gives() -> None:
+    batches = simulate(SYMBOLS, seconds=90, rate=300, seed=5, n_partitions=N_PARTITIONS).batches
+    straight_store = DictStore(N_PARTITIONS)
+    straight = _run(MarketEngine(straight_store), batches)
+    store = DictStore(N_PARTITIONS)
+    engine = MarketEngine(store)
+    rng = np.random.default_rng(3)
+    grouped = []
+    for i, b in enumerate(batches):
+        grouped.append(engine.apply(b.partition, b.source, b.seq, b.columns()))
+        if rng.random() < 0.2 or i == len(batches) - 1:
+            for p in range(N_PARTITIONS):
+                engine.flush(p)
+    def outputs(results: list[Any]) -> list[Any]:
+        return [[msgspec.to_builtins(e) | {"id": "", "ts_ms": 0} for e in (*r.signals, *r.outcomes, *r.bars)]
+                for r in results]
+
+    assert outputs(grouped) == outputs(straight)
+    assert store.streams == straight_store.streams
+    assert {s: (last.count, last.signal.signal_id) for s, last in store.last_signals.items()} == \
+        {s: (last.count, last.signal.signal_id) for s, last in straight_store.last_signals.items()}
+    assert {p: s.models for p, s in store.partitions.items()} == \
+        {p: s.models for p, s in straight_store.partitions.items()}
+    assert _reloaded(store) == _reloaded(straight_store)
+
+
+def test_a_refused_batch_is_set_aside_and_the_groups_other_batches_still_apply_once() -> None:
+    batches = [b for b in simulate(SYMBOLS, seconds=30, rate=300, seed=9, n_partitions=N_PARTITIONS).batches
+               if b.partition == 0]
+    assert len(batches) > 6
+    straight_store = DictStore(N_PARTITIONS)
+    _run(MarketEngine(straight_store), batches[:3] + batches[4:6])
+    store = DictStore(N_PARTITIONS)
+    engine = MarketEngine(store)
+    _run(engine, batches[:2])  # flushed before the group
+    group = [(i, b, b.columns()) for i, b in enumerate(batches[2:6], start=2)]
+    refuse = engine.apply
+
+    def apply(partition: int, source: str, seq: int, cols: Any) -> Any:
+        if seq == batches[3].seq:  # half-applies, then fails, as a kernel bound would
+            refuse(partition, source, seq, cols)
+            raise ValueError("more bars than the buffer holds")
+        return refuse(partition, source, seq, cols)
+
+    engine.apply = apply  # type: ignore[method-assign]
+    results, failed = apply_group(engine, 0, group)
+    engine.flush(0)
+    assert [i for i, _ in failed] == [3] and len(results) == 3
+    assert _reloaded(store) == _reloaded(straight_store)
