@@ -962,8 +962,9 @@ async def run_group(app: FintideApp, engine: MarketEngine, conns: MarketConnecti
     One write-back per group instead of per message: under backlog the groups grow and the
     state writes (and their changelog records) shrink per message. Outputs are sent before
     the state is written and Faust acknowledges the group's messages only after this
-    returns, so a crash anywhere redelivers the group onto the state of the last flush: the
-    per-(source, seq) marks make the replay apply (and emit) exactly what was not stored."""
+    returns, so a process that dies anywhere in here has its group redelivered onto the
+    state of the last flush: the per-(source, seq) marks make the replay apply (and emit)
+    exactly what was not stored."""
     started = time.perf_counter()
     n_partitions = TICKS.partition_count(app.settings)
     batches = []
@@ -972,13 +973,17 @@ async def run_group(app: FintideApp, engine: MarketEngine, conns: MarketConnecti
         if decoded is not None:
             batches.append((event, *decoded))
     results, failed = apply_group(engine, partition, batches)
-    for result in results:
-        await emit(app, result)
-        conns.submit(result.fanout)
-    for event, exc in failed:
-        await dead_letter_event(app, TICKS, event, exc, TICKS_AGENT)
-    with acting_for(group[-1]):
-        engine.flush(partition)
+    try:
+        for result in results:
+            await emit(app, result)
+            conns.submit(result.fanout)
+        for event, exc in failed:
+            await dead_letter_event(app, TICKS, event, exc, TICKS_AGENT)
+    finally:
+        # Even when a send fails: Faust's take_events acknowledges a take's messages when
+        # its generator closes, error or not, so the state must not stay behind them.
+        with acting_for(group[-1]):
+            engine.flush(partition)
     EVENTS_PROCESSED.labels(TICKS.name, TICKS_AGENT).inc(len(results))
     BATCH_SECONDS.observe(time.perf_counter() - started)
 
