@@ -49,13 +49,10 @@ import asyncio
 import functools
 import logging
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
-import faust.streams as faust_streams
 import msgspec
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -71,7 +68,13 @@ from indicators import fraud_features as ff
 from indicators import risk_model as rm
 from services import fraud as scoring
 from services.fraud_rules import RuleError, RuleSet, compile_rules
-from streams.app import FintideApp, dead_letter_topic, event_topic, routed_table_view
+from streams.app import (
+    FintideApp,
+    acting_for,
+    dead_letter_topic,
+    event_topic,
+    routed_table_view,
+)
 from streams.codec import DecodeFailure, encode
 from streams.dlq import EmptyValue, dead_letter
 from streams.fraud import (
@@ -181,7 +184,7 @@ class RulesService(Service):
         while not self.should_stop:
             try:
                 await self.refresh()
-            except (asyncio.TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("fraud rules not refreshed", extra={"error": f"{type(exc).__name__}: {exc}"})
             await self.sleep(RULES_POLL_S)
 
@@ -273,21 +276,6 @@ class FraudStore(Service):
 
 
 # ----------------------------------------------------------------------------- batches
-
-@contextmanager
-def acting_for(event: EventT) -> Iterator[None]:
-    """Make `event` Faust's current event while reading or writing one key's table row.
-
-    Faust stores a key in the RocksDB partition (and changelog partition) of the current
-    event's message. A take_events() batch mixes partitions, so before touching a key the
-    agent makes the message that carried that key current: Faust's own per-message path,
-    one key at a time. (faust.streams keeps the current event in a private ContextVar.)"""
-    token = faust_streams._current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        faust_streams._current_event.reset(token)
-
 
 async def decode_events(app: FintideApp, spec: TopicSpec[E], events: Sequence[EventT], agent: str,
                         pending: list[Awaitable[Any]]) -> list[tuple[EventT, E]]:
@@ -650,7 +638,7 @@ async def with_db_retry(store: FraudStore, work: Any) -> Any:
             pool = await store.pool()
             async with pool.acquire() as conn:
                 return await work(conn)
-        except (asyncio.TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             log.warning("fraud store unavailable; retrying", extra={"error": f"{type(exc).__name__}: {exc}",
                                                                     "retry_s": delay})
             await asyncio.sleep(delay)
@@ -666,7 +654,7 @@ async def fan_out(store: FraudStore, channel: str, alerts: Sequence[FraudAlert])
             for alert in alerts:
                 pipe.publish(channel, encode(alert))
             await pipe.execute()
-    except (asyncio.TimeoutError, RedisError, OSError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         ALERTS_UNDELIVERED.inc(len(alerts))
         log.warning("alerts not fanned out", extra={"error": f"{type(exc).__name__}: {exc}", "alerts": len(alerts)})
 
@@ -677,7 +665,7 @@ async def relay_reviews(app: FintideApp, store: FraudStore) -> int:
         pool = await store.pool()
         async with pool.acquire() as conn:
             reviews = await db.unpublished_reviews(conn, RELAY_BATCH, RELAY_AFTER_S)
-    except (asyncio.TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         log.warning("review relay skipped", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 0
     if not reviews:
