@@ -50,7 +50,7 @@ from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import EventT
 from mode import Service
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from api import idempotency
 from db import payments as db
@@ -122,6 +122,9 @@ RISK_DECISIONS = Counter("fintide_payments_risk_decisions_total",
                          "Fraud decisions the saga received, and whether they changed a payment.",
                          ["source", "decision", "applied"])
 SAGA_STEPS = Counter("fintide_payments_saga_steps_total", "Saga step events the saga agent saw.", ["status"])
+SAGA_SECONDS = Histogram("fintide_payment_latency_seconds",
+                         "From a payment's initiation to its saga's end, as the saga agent sees the end.",
+                         ["outcome"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 RELAYED = Counter("fintide_payments_outbox_relayed_total", "Outbox rows published to Kafka.")
 RECOVERED = Gauge("fintide_payments_recovered", "1 once this worker republished balances and open sagas "
                   "from PostgreSQL (the leader does it at start).")
@@ -489,6 +492,8 @@ def fold_step(b: _Batch, item: Item[PaymentStep]) -> None:
     e = item.value
     wallet, pid = str(e.payer_wallet_id), str(e.payment_id)
     SAGA_STEPS.labels(e.status).inc()
+    if isinstance(e, PaymentCompleted | PaymentFailed) and e.initiated_ms:
+        SAGA_SECONDS.labels(e.status).observe(max(0.0, (e.ts_ms - e.initiated_ms) / 1000))
     b.pushes.append(e)
     draft = b.draft(wallet, item)
     if isinstance(e, PaymentFundsReserved):

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from api import auth as identity_auth
 from api.channels import SerialPubSubBackend
 from api.health import health, ready
-from api.middleware import request_id_middleware
+from api.middleware import request_id_middleware, ws_clients_middleware
 from api.problems import EXCEPTION_HANDLERS
 from api.resources import Resources, open_resources
 from ops.settings import Settings, load_settings
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[health, ready, MetricsController, *routers],
         dependencies={"resources": Provide(_resources_from_state, sync_to_thread=False)},
         plugins=[channels, *plugins],
-        middleware=[request_id_middleware, metrics.middleware],
+        middleware=[request_id_middleware, metrics.middleware, ws_clients_middleware],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         cors_config=CORSConfig(allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
                                expose_headers=["x-request-id", "retry-after"]),

@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id on every request, its response and its log lines."""
+"""ASGI middleware: a request id on every request, its response and its log lines; the
+number of open WebSocket connections per route (`fintide_ws_clients`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import uuid
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Gauge
 
 from ops.logging import request_id_var
 
@@ -35,5 +37,27 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+
+    return middleware
+
+
+WS_CLIENTS = Gauge("fintide_ws_clients", "Open WebSocket connections of this API process.", ["path"])
+
+
+def ws_clients_middleware(app: ASGIApp) -> ASGIApp:
+    """Count a WebSocket connection from its handler's start to its end (any close)."""
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await app(scope, receive, send)
+            return
+        # The handler's declared path (routing ran before app middleware): a bounded label.
+        handler = scope.get("route_handler")
+        path = min(handler.paths) if handler is not None and handler.paths else "other"
+        gauge = WS_CLIENTS.labels(path)
+        gauge.inc()
+        try:
+            await app(scope, receive, send)
+        finally:
+            gauge.dec()
 
     return middleware

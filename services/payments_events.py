@@ -181,7 +181,7 @@ def _payment_fields(payment: Payment, status: str) -> dict[str, Any]:
             "amount_minor": payment.amount_minor, "status": status,
             "failure_reason": payment.failure_reason if status == "failed" else None, "hold_id": payment.hold_id,
             "captured_minor": payment.captured_minor, "refunded_minor": payment.refunded_minor,
-            **payment_context(payment)}
+            "initiated_ms": int(payment.created_at.timestamp() * 1000), **payment_context(payment)}
 
 
 def user_channel(user_id: UUID | str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -62,7 +63,15 @@ async def ws_probe(socket: WebSocket[Any, Any, Any]) -> None:
     await socket.close()
 
 
-router = Router(path="/", route_handlers=[trader_only, ws_probe])
+@websocket("/probe/ws/hold")
+async def ws_hold(socket: WebSocket[Any, Any, Any]) -> None:
+    await socket.accept()
+    await socket.send_text("open")
+    await socket.receive_text()  # held open until the client says so
+    await socket.close()
+
+
+router = Router(path="/", route_handlers=[trader_only, ws_probe, ws_hold])
 
 
 @pytest.fixture
@@ -89,6 +98,23 @@ async def test_websocket_accepts_a_query_or_cookie_token(probe_client: AsyncTest
         assert ws.receive_json() == {"id": str(me.user_id), "same_as_scope": True}
     with await probe_client.websocket_connect("/probe/ws", cookies={"access_token": me.access_token}) as ws:
         assert ws.receive_json()["id"] == str(me.user_id)
+
+
+async def test_open_websocket_connections_are_a_metric_per_route(probe_client: AsyncTestClient[Litestar]) -> None:
+    async def open_now() -> float:
+        text = (await probe_client.get("/metrics")).text
+        line = next((x for x in text.splitlines() if x.startswith('fintide_ws_clients{path="/probe/ws/hold"}')), "")
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    with await probe_client.websocket_connect("/probe/ws/hold") as ws:
+        assert ws.receive_text() == "open"
+        assert await open_now() == 1.0
+        ws.send_text("bye")
+    for _ in range(50):  # the handler's end runs on the app's side of the test transport
+        if await open_now() == 0.0:
+            break
+        await asyncio.sleep(0.05)
+    assert await open_now() == 0.0
 
 
 async def test_websocket_without_a_valid_token_closes_with_4401(probe_client: AsyncTestClient[Litestar]) -> None:

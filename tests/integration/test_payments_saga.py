@@ -32,6 +32,7 @@ from streams.payments import (
 from streams.publisher import EventPublisher
 from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
+from tests.helpers.workers import metric, wait_for
 from tests.integration.test_payments_saga_support import (
     REPO,
     SagaEnv,
@@ -230,6 +231,11 @@ async def test_kafka_in_requests_complete_once_and_bad_ones_are_dead_lettered(en
         await publisher.publish_many(PAYMENTS.name, [(None, good[0]), (None, unknown), (None, good[5])])
     counts = await wait_terminal(env.pool, [r.payment_id for r in good], worker=env.worker)
     assert counts == {"completed": 42}
+
+    async def timed() -> bool:  # each saga's initiation-to-end time, as the dashboard charts it
+        return await metric(env.worker, "fintide_payment_latency_seconds_count", {"outcome": "completed"}) >= 42
+
+    await wait_for(timed, 30, "42 completed payments in fintide_payment_latency_seconds")
     assert await env.pool.fetchval("SELECT count(*) FROM payments.payments WHERE id = $1", unknown.payment_id) == 0
     letters = await read_topic(env.settings, PAYMENTS, lambda vs: len(vs) >= 1, dead_letters=True)
     assert [(v.agent, str(unknown.payment_id) in v.value, "unknown_account" in v.error) for v in letters] == [
