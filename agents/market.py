@@ -140,6 +140,9 @@ STATE_RESETS = Counter("fintide_market_state_resets_total", "Stored rows that di
 # and waits at most this long for more: one state write-back per partition per take.
 TICK_TAKE_MAX = 64
 TICK_TAKE_WITHIN_S = 0.005
+CONSUME_LAG = Histogram("fintide_market_consume_lag_seconds",
+                        "From a tick message's Kafka timestamp to the tick agent taking it up.",
+                        buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 BATCH_SECONDS = Histogram("fintide_market_batch_seconds",
                           "Time to process one partition's tick messages of a take (kernels + emit + state).",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
@@ -968,7 +971,10 @@ async def run_group(app: FintideApp, engine: MarketEngine, conns: MarketConnecti
     started = time.perf_counter()
     n_partitions = TICKS.partition_count(app.settings)
     batches = []
+    taken = time.time()
     for event in group:
+        if event.message.timestamp:  # seconds since the epoch (the producer's create time)
+            CONSUME_LAG.observe(max(0.0, taken - event.message.timestamp))
         decoded = await tick_columns(app, event, partition, n_partitions)
         if decoded is not None:
             batches.append((event, *decoded))

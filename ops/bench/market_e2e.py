@@ -271,6 +271,35 @@ class LatencyRun:
     max_ms: float
     updates: int
     ticks_per_s: float
+    # Kafka timestamp -> the worker taking the message up (its consume lag histogram over
+    # the measured window, interpolated inside buckets): how much of the latency is queueing
+    # in front of the worker.
+    worker_lag_p50_ms: float = float("nan")
+    worker_lag_p99_ms: float = float("nan")
+
+
+async def _lag_buckets(url: str) -> list[tuple[float, float]]:
+    """The worker's consume-lag histogram: (upper bound s, cumulative count)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(url + "/metrics")).text
+    found = re.findall(r'^fintide_market_consume_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    return [(float(le), float(n)) for le, n in found]
+
+
+def _bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
+    """The q-quantile (ms) of what was observed between two histogram snapshots."""
+    counts = [(le, n - dict(before).get(le, 0.0)) for le, n in after]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return float("nan")
+    lower, below = 0.0, 0.0
+    for le, n in counts:
+        if n >= q * total:
+            if le == float("inf"):
+                return lower * 1000.0
+            return (lower + (le - lower) * (q * total - below) / max(n - below, 1e-9)) * 1000.0
+        lower, below = le, n
+    return float("nan")
 
 
 async def _client(url: str, symbols: list[str], samples: list[float], stop_at: float, measure_from: float) -> None:
@@ -323,9 +352,16 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
         start = time.time()
         samples: list[float] = []
         ws_url = f"ws://127.0.0.1:{settings.api_port}/ws/signals/stream?token={token}"
+
+        async def lag_at_measure_start() -> list[tuple[float, float]]:
+            await asyncio.sleep(WARMUP_S)
+            return await _lag_buckets(worker_url)
+
+        lag_task = asyncio.create_task(lag_at_measure_start())
         await asyncio.gather(*(_client(ws_url, symbols, samples, start + total, start + WARMUP_S)
                                for _ in range(clients)))
         ticks_per_s = (await _ticks_processed(worker_url) - before) / (time.time() - start)
+        lag_before, lag_after = await lag_task, await _lag_buckets(worker_url)
     finally:
         for proc in (generator, api, worker):
             if proc is not None:
@@ -334,7 +370,9 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
         raise RuntimeError("no update reached the clients")
     arr = np.asarray(samples)
     return LatencyRun(p50_ms=float(np.percentile(arr, 50)), p99_ms=float(np.percentile(arr, 99)),
-                      max_ms=float(arr.max()), updates=len(samples), ticks_per_s=ticks_per_s)
+                      max_ms=float(arr.max()), updates=len(samples), ticks_per_s=ticks_per_s,
+                      worker_lag_p50_ms=_bucket_quantile(lag_before, lag_after, 0.5),
+                      worker_lag_p99_ms=_bucket_quantile(lag_before, lag_after, 0.99))
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -382,6 +420,8 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
         print(f"  p50 {_median([r.p50_ms for r in lat]):.1f} ms, p99 {_median([r.p99_ms for r in lat]):.1f} ms, "
               f"max {_median([r.max_ms for r in lat]):.1f} ms, updates/run {_median([r.updates for r in lat]):,.0f}, "
               f"worker ticks/s {_median([r.ticks_per_s for r in lat]):,.0f}")
+        print(f"  of which Kafka -> worker (consume lag): p50 {_median([r.worker_lag_p50_ms for r in lat]):.1f} ms, "
+              f"p99 {_median([r.worker_lag_p99_ms for r in lat]):.1f} ms")
 
 
 def _generate_main(argv: list[str]) -> None:

@@ -27,7 +27,7 @@ from streams.market import (
     tick_batch,
 )
 from tables.market import STREAM_TABLES, partition_anchor_key
-from tests.helpers.workers import get_json, wait_for
+from tests.helpers.workers import get_json, metric, wait_for
 from tests.integration.test_market_support import (
     MarketWorker,
     Ticks,
@@ -111,6 +111,8 @@ async def test_worker_emits_stores_and_serves_what_the_reference_computes(settin
     try:
         await publish(settings, ticks.batches)
         await wait_for(lambda: processed(worker, ticks, len(ticks.batches)), WAIT_S, "every batch")
+        # Every tick message's wait in front of the agent is measured (ops read it in Grafana).
+        assert await metric(worker, "fintide_market_consume_lag_seconds_count", {}) >= len(ticks.batches)
         await _check_redelivery_is_a_no_op(worker, ticks, replayed, marker, settings)
         await assert_tables_equal(worker, ref.store)
         # Signals and outcomes on market.signals, bars on market.bars: exactly the reference's.
