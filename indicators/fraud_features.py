@@ -100,16 +100,17 @@ P_CLOCK = 6  # LRU clock: +1 per payment
 P_HEADER = 8
 
 
-def _payer_window_offsets() -> tuple[int, ...]:
-    # Each window block: [current bucket number, totals[Q], buckets[n * Q]].
-    offsets, at = [], P_HEADER
+def _window_offsets(header: int, q: int) -> tuple[int, ...]:
+    """Where each window block starts after a row's `header` slots, and where they end.
+    Each block: [current bucket number, totals[q], buckets[n * q]]."""
+    offsets, at = [], header
     for n in N_BUCKETS:
         offsets.append(at)
-        at += 1 + PAYER_Q + int(n) * PAYER_Q
+        at += 1 + q + int(n) * q
     return (*offsets, at)
 
 
-_PW = _payer_window_offsets()
+_PW = _window_offsets(P_HEADER, PAYER_Q)
 PW0, PW1, PW2 = _PW[0], _PW[1], _PW[2]
 P_PAYEES = _PW[3]  # [hash K][stamp K]
 P_DEVICES = P_PAYEES + 2 * PAYEE_K
@@ -434,15 +435,7 @@ E_DEDUPE_NEXT = 3
 E_HEADER = 4
 
 
-def _entity_window_offsets() -> tuple[int, ...]:
-    offsets, at = [], E_HEADER
-    for n in N_BUCKETS:
-        offsets.append(at)
-        at += 1 + E_Q + int(n) * E_Q
-    return (*offsets, at)
-
-
-_EW = _entity_window_offsets()
+_EW = _window_offsets(E_HEADER, E_Q)
 EW0, EW1, EW2 = _EW[0], _EW[1], _EW[2]
 E_DISTINCT = _EW[3]  # [other hash K][last seen K]
 E_DEDUPE = E_DISTINCT + 2 * DISTINCT_K
