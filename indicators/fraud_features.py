@@ -147,16 +147,19 @@ PAYEE_FEATURES = ("payee_fanin_1h", "payee_fanin_24h", "payee_count_1h", "payee_
 N_PAYEE_FEATURES = len(PAYEE_FEATURES)
 
 
-def new_payer_rows(n: int) -> np.ndarray:
-    rows = np.zeros((n, PAYER_WIDTH), dtype=np.float64)
-    rows[:, P_VERSION] = LAYOUT_VERSION
+def _new_rows(n: int, width: int, version_slot: int) -> np.ndarray:
+    """n empty rows of `width` slots, stamped with the layout version."""
+    rows = np.zeros((n, width), dtype=np.float64)
+    rows[:, version_slot] = LAYOUT_VERSION
     return rows
+
+
+def new_payer_rows(n: int) -> np.ndarray:
+    return _new_rows(n, PAYER_WIDTH, P_VERSION)
 
 
 def new_payee_rows(n: int) -> np.ndarray:
-    rows = np.zeros((n, PAYEE_WIDTH), dtype=np.float64)
-    rows[:, PE_VERSION] = LAYOUT_VERSION
-    return rows
+    return _new_rows(n, PAYEE_WIDTH, PE_VERSION)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -452,9 +455,7 @@ ENTITY_FEATURES = tuple(f"{kind}_{suffix.format(other=other)}"
 
 
 def new_entity_rows(n: int) -> np.ndarray:
-    rows = np.zeros((n, ENTITY_WIDTH), dtype=np.float64)
-    rows[:, E_VERSION] = LAYOUT_VERSION
-    return rows
+    return _new_rows(n, ENTITY_WIDTH, E_VERSION)
 
 
 @njit(cache=True, inline="always")

@@ -20,6 +20,7 @@ from the worker that owns the key, and the API's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -69,29 +70,24 @@ def entity_table(app: FintideApp) -> faust.Table:
 
 def payer_row(value: PayerFeatures | None) -> np.ndarray:
     """A writable payer row (a fresh one for a wallet never seen), checked."""
-    if value is None:
-        return ff.new_payer_rows(1)[0]
-    assert value.layout == ff.LAYOUT_VERSION, f"payer state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
-    row = np.frombuffer(value.row, dtype=ROW_DTYPE).astype(np.float64)
-    ff.check_payer_row(row)
-    return row
+    return _stored_row(value, "payer", ff.new_payer_rows, ff.check_payer_row)
 
 
 def payee_row(value: PayeeFeatures | None) -> np.ndarray:
-    if value is None:
-        return ff.new_payee_rows(1)[0]
-    assert value.layout == ff.LAYOUT_VERSION, f"payee state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
-    row = np.frombuffer(value.row, dtype=ROW_DTYPE).astype(np.float64)
-    ff.check_payee_row(row)
-    return row
+    return _stored_row(value, "payee", ff.new_payee_rows, ff.check_payee_row)
 
 
 def entity_row(value: EntityFeatures | None) -> np.ndarray:
+    return _stored_row(value, "entity", ff.new_entity_rows, ff.check_entity_row)
+
+
+def _stored_row(value: PayerFeatures | PayeeFeatures | EntityFeatures | None, what: str,
+                new_rows: Callable[[int], np.ndarray], check: Callable[[np.ndarray], None]) -> np.ndarray:
     if value is None:
-        return ff.new_entity_rows(1)[0]
-    assert value.layout == ff.LAYOUT_VERSION, f"entity state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
+        return new_rows(1)[0]
+    assert value.layout == ff.LAYOUT_VERSION, f"{what} state layout {value.layout}, code reads {ff.LAYOUT_VERSION}"
     row = np.frombuffer(value.row, dtype=ROW_DTYPE).astype(np.float64)
-    ff.check_entity_row(row)
+    check(row)
     return row
 
 
