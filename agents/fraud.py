@@ -46,7 +46,6 @@ the saga's pass-through scorer (agents/fraud_passthrough.py) answers otherwise.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -95,11 +94,10 @@ from streams.fraud import (
     decisions_of,
     entity_batch,
     entity_key,
-    partition_for_key,
     requests_of,
 )
 from streams.metrics import EVENTS_DLQ, EVENTS_PROCESSED
-from streams.topics import TopicSpec, bootstrap_servers
+from streams.topics import TopicSpec, bootstrap_servers, partition_for_key
 from tables.fraud import (
     entity_row,
     entity_state,
@@ -328,7 +326,7 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
                 in_batch = isinstance(value, ScoreBatch)
                 for request in requests_of(value):
                     problem = scoring.check_request(request)
-                    if problem is None and _partition(request.payer_wallet_id, n_partitions) != event.message.partition:
+                    if problem is None and partition_for_key(request.payer_wallet_id, n_partitions) != event.message.partition:
                         # The payer row is stored in the partition of the message that carried it.
                         problem = f"payer wallet hashes to another partition than {event.message.partition}"
                     if problem:
@@ -393,21 +391,15 @@ ID_COLUMNS = ("request_ids", "payment_ids", "payer_wallet_ids", "payer_user_ids"
               "device_ids", "ips", "currencies")
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _partition(key: str, n_partitions: int) -> int:
-    # murmur2 in Python costs microseconds per key; users, devices and IPs repeat.
-    return partition_for_key(key, n_partitions)
-
-
 def route_partitions(requests: Sequence[ScoreRequested], n_partitions: int) -> np.ndarray:
     """[n, N_ROUTE]: the partition of each payment's payee, user, device and IP key (-1
     for a value not sent)."""
     parts = np.empty((len(requests), N_ROUTE), dtype=np.int64)
     for i, r in enumerate(requests):
-        parts[i, 0] = _partition(r.payee_wallet_id, n_partitions)
-        parts[i, 1] = _partition(entity_key("user", r.payer_user_id), n_partitions) if r.payer_user_id else -1
-        parts[i, 2] = _partition(entity_key("device", r.device_id), n_partitions) if r.device_id else -1
-        parts[i, 3] = _partition(entity_key("ip", r.ip), n_partitions) if r.ip else -1
+        parts[i, 0] = partition_for_key(r.payee_wallet_id, n_partitions)
+        parts[i, 1] = partition_for_key(entity_key("user", r.payer_user_id), n_partitions) if r.payer_user_id else -1
+        parts[i, 2] = partition_for_key(entity_key("device", r.device_id), n_partitions) if r.device_id else -1
+        parts[i, 3] = partition_for_key(entity_key("ip", r.ip), n_partitions) if r.ip else -1
     return parts
 
 

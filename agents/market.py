@@ -1039,14 +1039,9 @@ def check_partition(batch: Any, partition: int, n_partitions: int) -> None:
     written to that partition's table rows, where the table router will look for it."""
     if batch.partition != partition:
         raise MalformedBatch(f"batch for partition {batch.partition} arrived on partition {partition}")
-    misplaced = [s for s in batch.symbols if _partition_of(s, n_partitions) != partition]
+    misplaced = [s for s in batch.symbols if partition_for_symbol(s, n_partitions) != partition]
     if misplaced:
         raise MalformedBatch(f"symbols {misplaced[:5]} do not belong to partition {partition}")
-
-
-@functools.lru_cache(maxsize=65_536)
-def _partition_of(symbol: str, n_partitions: int) -> int:
-    return partition_for_symbol(symbol, n_partitions)
 
 
 async def emit(app: FintideApp, result: BatchResult) -> None:

@@ -76,10 +76,9 @@ from streams.payments import (
     PaymentStep,
     PaymentUnderReview,
     items_of,
-    partition_for_key,
 )
 from streams.publisher import EventPublisher
-from streams.topics import TopicSpec, full_name
+from streams.topics import TopicSpec, full_name, partition_for_key
 from tables.payments import (
     SagaDraft,
     WalletBalance,

@@ -51,9 +51,8 @@ from streams.payments import (
     PaymentsValue,
     PostedLeg,
     TransactionPosted,
-    partition_for_key,
 )
-from streams.topics import DLQ_SUFFIX, dlq_name
+from streams.topics import DLQ_SUFFIX, dlq_name, partition_for_key
 
 __all__ = ["HoldReserved", "HoldResolved", "LedgerBalance", "PaymentRefunded", "PaymentStep", "TransactionPosted"]
 

@@ -68,6 +68,13 @@ class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
         return msgspec.to_builtins(self)
 
 
+def check_batch_size(count: int, what: str, limit: int) -> None:
+    """A batch event must hold 1..limit events. Raised while decoding, this becomes a
+    validation error: the message is dead-lettered."""
+    if not 1 <= count <= limit:
+        raise ValueError(f"{what} holds {count} events; 1..{limit} allowed")
+
+
 def _check_header(event: Event) -> None:
     missing = [name for name in ("version", "id", "ts_ms") if not getattr(event, name)]
     if missing:

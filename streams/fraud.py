@@ -33,10 +33,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import msgspec
 import numpy as np
-from aiokafka.partitioner import murmur2
 
-from streams.events import Event
-from streams.topics import TopicSpec, register
+from streams.events import Event, check_batch_size
+from streams.topics import TopicSpec, partition_for_key, register
 
 # An EntityBatch holds at most this many payments: ~1 KB of JSON each (the feature row
 # is most of it), so 512 stay well under Kafka's default 1 MiB message size.
@@ -116,7 +115,7 @@ class ScoreBatch(Event, tag="fraud.score_batch", kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_batch(len(self.requests), "fraud.score_batch")
+        check_batch_size(len(self.requests), "fraud.score_batch", MAX_FRAUD_BATCH)
 
 
 class DecisionBatch(Event, tag="fraud.decision_batch", kw_only=True, frozen=True):
@@ -127,17 +126,11 @@ class DecisionBatch(Event, tag="fraud.decision_batch", kw_only=True, frozen=True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_batch(len(self.decisions), "fraud.decision_batch")
+        check_batch_size(len(self.decisions), "fraud.decision_batch", MAX_FRAUD_BATCH)
 
 
 RequestsValue = Union[ScoreRequested, ScoreBatch]
 DecisionsValue = Union[RiskDecided, DecisionBatch]
-
-
-def _check_batch(count: int, what: str) -> None:
-    # Raised while decoding, this becomes a validation error: the message is dead-lettered.
-    if not 1 <= count <= MAX_FRAUD_BATCH:
-        raise ValueError(f"{what} holds {count} events; 1..{MAX_FRAUD_BATCH} allowed")
 
 
 def requests_of(value: RequestsValue) -> Sequence[ScoreRequested]:
@@ -274,13 +267,6 @@ def entity_key(kind: str, value: str) -> str:
     """The `fraud.entity_features` key of a user, device or IP ("device:<id>"): one table
     holds the three kinds, the prefix keeps their values apart."""
     return f"{kind}:{value}"
-
-
-def partition_for_key(key: str, n_partitions: int) -> int:
-    """Kafka's default partition for `key` (murmur2, as aiokafka and the Java client):
-    where a message keyed `key` lands, and where the table router looks for `key`."""
-    assert n_partitions >= 1, n_partitions
-    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % n_partitions
 
 
 REQUESTS: TopicSpec[RequestsValue] = register(TopicSpec(

@@ -43,11 +43,10 @@ from typing import Literal
 
 import msgspec
 import numpy as np
-from aiokafka.partitioner import murmur2
 
 from streams.codec import DecodeFailure, decode_msgpack, encode_msgpack
 from streams.events import Event
-from streams.topics import TopicSpec, register
+from streams.topics import TopicSpec, partition_for_key, register
 
 # Bounds (decided up front). 16384 ticks are ~610 KB of JSON: under Kafka's default
 # 1 MiB max message size with room for the symbol table.
@@ -76,9 +75,8 @@ BatchFailure = (*DecodeFailure, MalformedBatch)
 
 
 def partition_for_symbol(symbol: str, n_partitions: int) -> int:
-    """Kafka's default partition for key `symbol` (murmur2, as the Java client and aiokafka)."""
-    assert n_partitions >= 1, n_partitions
-    return (murmur2(symbol.encode("utf-8")) & 0x7FFFFFFF) % n_partitions
+    """Kafka's default partition for key `symbol` (streams.topics.partition_for_key, cached)."""
+    return partition_for_key(symbol, n_partitions)
 
 
 def interval_name(interval_ms: int) -> str:

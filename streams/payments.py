@@ -24,28 +24,17 @@ it has seen and duplicates, reordering and replays cannot move a balance backwar
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Final, Union
 from uuid import UUID
 
 import msgspec
-from aiokafka.partitioner import murmur2
 
-from streams.events import Event
+from streams.events import Event, check_batch_size
 from streams.topics import TopicSpec, register
 
 # ~450 bytes of JSON per payment event: 1,000 stay well under Kafka's default 1 MiB message.
 MAX_BATCH_EVENTS: Final = 1_000
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def partition_for_key(key: str, n_partitions: int) -> int:
-    """Kafka's default partition for `key` (murmur2, as aiokafka and the Java client use):
-    where a message keyed `key` lands and where Faust's table router looks for it.
-    Cached: aiokafka's murmur2 is pure Python, and wallets come back again and again."""
-    assert n_partitions >= 1, n_partitions
-    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % n_partitions
 
 
 # ------------------------------------------------------------------------- payments.events
@@ -144,7 +133,7 @@ class PaymentEventBatch(Event, tag="payment.batch", kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_batch(len(self.events), "payment.batch")
+        check_batch_size(len(self.events), "payment.batch", MAX_BATCH_EVENTS)
 
 
 PaymentsValue = Union[PaymentItem, PaymentEventBatch]
@@ -226,7 +215,7 @@ class LedgerEventBatch(Event, tag="ledger.batch", kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_batch(len(self.events), "ledger.batch")
+        check_batch_size(len(self.events), "ledger.batch", MAX_BATCH_EVENTS)
 
 
 LedgerValue = Union[LedgerItem, LedgerEventBatch]
@@ -234,12 +223,6 @@ LedgerValue = Union[LedgerItem, LedgerEventBatch]
 LEDGER: TopicSpec[LedgerValue] = register(TopicSpec(
     "payments.ledger", LedgerValue, key_field="account_id",
     doc="journal transactions, hold changes and account balances, keyed by account"))
-
-
-def _check_batch(count: int, what: str) -> None:
-    # Raised while decoding, this becomes a validation error: the message is dead-lettered.
-    if not 1 <= count <= MAX_BATCH_EVENTS:
-        raise ValueError(f"{what} holds {count} events; 1..{MAX_BATCH_EVENTS} allowed")
 
 
 def items_of(value: PaymentsValue | LedgerValue) -> Sequence[PaymentItem | LedgerItem]:

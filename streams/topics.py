@@ -13,6 +13,7 @@ every topic has a dead-letter twin `<name>.dlq` carrying `DeadLetter` records.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
 
 from ops.settings import Settings
 from streams.codec import decode
@@ -33,6 +35,15 @@ E = TypeVar("E")
 # Modules that declare topics; ensure_topics imports them all. Services append theirs.
 CATALOG_MODULES: list[str] = ["streams.ops", "streams.identity", "streams.market", "streams.fraud",
                               "streams.payments"]
+
+@functools.lru_cache(maxsize=1 << 16)
+def partition_for_key(key: str, n_partitions: int) -> int:
+    """Kafka's default partition for `key` (murmur2, as aiokafka and the Java client use):
+    where a message keyed `key` lands and where Faust's table router looks for it.
+    Cached: aiokafka's murmur2 is pure Python, and keys come back again and again."""
+    assert n_partitions >= 1, n_partitions
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % n_partitions
+
 
 DLQ_SUFFIX = ".dlq"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")

@@ -89,10 +89,9 @@ from streams.payments import (
     PAYMENTS,
     PaymentEventBatch,
     PaymentRequested,
-    partition_for_key,
 )
 from streams.publisher import EventPublisher
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, partition_for_key
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = "bench_template"

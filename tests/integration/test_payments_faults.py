@@ -40,9 +40,9 @@ from streams.payments import (
     LedgerBalance,
     PaymentEventBatch,
     PaymentRequested,
-    partition_for_key,
 )
 from streams.publisher import EventPublisher
+from streams.topics import partition_for_key
 from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.integration.test_payments_saga_support import (

@@ -27,9 +27,9 @@ from streams.payments import (
     PAYMENTS,
     PaymentEventBatch,
     PaymentRequested,
-    partition_for_key,
 )
 from streams.publisher import EventPublisher
+from streams.topics import partition_for_key
 from tests.helpers.api import served
 from tests.helpers.auth import register_and_login
 from tests.helpers.workers import metric, wait_for

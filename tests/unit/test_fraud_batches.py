@@ -19,10 +19,10 @@ from streams.fraud import (
     decision_batches,
     decisions_of,
     fraud_items_of,
-    partition_for_key,
     requests_of,
     score_batches,
 )
+from streams.topics import partition_for_key
 
 
 def _request(i: int, wallet: str) -> ScoreRequested:
