@@ -69,6 +69,7 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 BATCHES = (1, 16, 256, 4_096)
 WARM_DROP_S = 2.0
+SETTLE_S = 2.0
 PAYEES_PER_PAYER = 4
 
 
@@ -154,6 +155,87 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants, plus what its reaped children used
+    (PostgreSQL: the postmaster, its backends and background workers)."""
+    total = 0.0
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            stat = (child / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(child.name) == pid or _descends(int(child.name), pid):
+            total += sum(int(f) for f in stat[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+async def topic_offsets(settings: Settings) -> dict[str, int]:
+    """Messages ever written per topic of this run (the sum of its partitions' end offsets),
+    named without the run's prefix; tables' changelogs ("<app id>-<table>-changelog") as
+    "<table>-changelog"."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    from streams.topics import bootstrap_servers
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings))
+    await consumer.start()
+    try:
+        owners = (settings.topic_prefix, f"{settings.app_id}-")
+        names = [t for t in await consumer.topics() if t.startswith(owners)]
+        tps = [TopicPartition(t, p) for t in names for p in (consumer.partitions_for_topic(t) or ())]
+        ends = await consumer.end_offsets(tps) if tps else {}
+    finally:
+        await consumer.stop()
+    out: dict[str, int] = {}
+    for tp, end in ends.items():
+        owner = next(o for o in owners if tp.topic.startswith(o))
+        name = tp.topic[len(owner):]
+        out[name] = out.get(name, 0) + end
+    return out
+
+
+class CostMeter:
+    """CPU seconds of the worker, Tansu and PostgreSQL, and Kafka messages per topic, over
+    a phase, with each process's idle CPU rate (measured just before) subtracted."""
+
+    def __init__(self, settings: Settings, pids: dict[str, int]) -> None:
+        self.settings, self.pids = settings, pids
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    async def idle(self, seconds: float) -> None:
+        before = self._cpu()
+        await asyncio.sleep(seconds)
+        after = self._cpu()
+        self.idle_per_s = {k: (after[k] - before[k]) / seconds for k in before}
+
+    async def start(self) -> None:
+        self.cpu0, self.offsets0, self.t0 = self._cpu(), await topic_offsets(self.settings), time.perf_counter()
+
+    async def stop(self, n: int) -> dict[str, float]:
+        cpu, offsets, wall = self._cpu(), await topic_offsets(self.settings), time.perf_counter() - self.t0
+        out = {f"cpu_ms_per_payment_{k}": round((cpu[k] - self.cpu0[k] - self.idle_per_s[k] * wall) / n * 1000, 3)
+               for k in cpu}
+        out.update({f"msgs_per_payment_{t}": round((end - self.offsets0.get(t, 0)) / n, 3)
+                    for t, end in sorted(offsets.items()) if end > self.offsets0.get(t, 0)})
+        return out
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -399,9 +481,11 @@ def _payments(wallets: list[Any], n: int, seed: int) -> list[Any]:
             for a, k in zip(payers.tolist(), offsets.tolist(), strict=True)]
 
 
-async def saga_run(base: Settings, scorer: str, n: int, paced: int, rate: float, fetch_wait_ms: int) -> dict[str, float]:
+async def saga_run(base: Settings, scorer: str, n: int, paced: int, rate: float, fetch_wait_ms: int,
+                   servers: dict[str, int]) -> dict[str, float]:
     """One worker running the saga with `scorer`: latency at a paced rate, then throughput
-    on a backlog of `n` payments published at once."""
+    on a backlog of `n` payments published at once, with the CPU each process spent on it
+    (idle rates subtracted) and the Kafka messages per topic, per payment."""
     settings = _settings(base, "p", scorer, fraud_budget_ms=60_000)
     wallets = await _fund(settings, 100, 10_000_000)
     if scorer == "model":
@@ -414,10 +498,16 @@ async def saga_run(base: Settings, scorer: str, n: int, paced: int, rate: float,
         await _publish(settings, "payments.events", live, rate)
         paced_done = await _finished(settings, [e.payment_id for e in live], 300, proc)
         backlog = _payments(wallets, n, seed=5)
+        meter = CostMeter(settings, {"worker": proc.pid, **servers})
+        await asyncio.sleep(2)  # the recorder and alert fan-out of the paced phase
+        await meter.idle(3)
+        await meter.start()
         sent: dict[str, float] = {}
         wall0, perf0 = time.time(), time.perf_counter()
         await _publish(settings, "payments.events", backlog, None, sent)
         done = await _finished(settings, [e.payment_id for e in backlog], 600, proc)
+        await asyncio.sleep(SETTLE_S)  # the recorder's and the changelogs' share belongs to the cost
+        cost = await meter.stop(n)
     finally:
         _stop(proc)
     first_sent = wall0 + (min(sent.values()) - perf0)
@@ -425,7 +515,7 @@ async def saga_run(base: Settings, scorer: str, n: int, paced: int, rate: float,
     return {"completed_per_s": round(n / (max(s["completed"] for s in done.values()) - first_sent)),
             "risk_step_p50_ms": round(float(np.percentile(risk, 50)), 1),
             "risk_step_p99_ms": round(float(np.percentile(risk, 99)), 1),
-            "load_1m": round(load, 2)}
+            "load_1m": round(load, 2), **cost}
 
 
 # ----------------------------------------------------------------------------- quality
@@ -489,7 +579,8 @@ def _saga_ratios(pairs: list[dict[str, dict[str, float]]]) -> dict[str, float]:
             "added_p99_ms_median": round(statistics.median(add99), 1)}
 
 
-async def _main(args: argparse.Namespace, base: Settings) -> None:
+async def _main(args: argparse.Namespace, base: Settings, servers: dict[str, int] | None = None) -> None:
+    servers = servers or {}
     out: dict[str, Any] = {"machine": machine(), "load_before": _load(), "fetch_wait_ms": args.fetch_wait_ms}
     if args.command in ("quality", "all"):
         out["quality"] = quality(args.quality_n, args.fraud_rate, args.seeds)
@@ -497,7 +588,7 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
         out["kernels"] = bench_kernels(args.n_kernels, args.repeat)
     if args.command in ("saga", "all"):
         saga = await _interleaved(args.runs, lambda scorer: saga_run(
-            base, scorer, args.payments, args.paced, args.saga_rate, args.fetch_wait_ms))
+            base, scorer, args.payments, args.paced, args.saga_rate, args.fetch_wait_ms, servers))
         saga["vs_pass_through"] = _saga_ratios(saga["runs"])
         out["saga"] = saga
     if args.command in ("scorer", "all"):
@@ -538,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             base = load_settings(environ={}, env="test", data_dir=str(Path(tmp) / "data"),
                                  kafka_bootstrap=stack.kafka_bootstrap, database_url=stack.database_url,
                                  redis_url=stack.redis_url)
-            asyncio.run(_main(args, base))
+            pids = {name: s.proc.pid for name in ("kafka", "postgres") if (s := stack.server(name)).proc}
+            asyncio.run(_main(args, base, pids))
         finally:
             stack.stop()
 
