@@ -21,6 +21,7 @@ from typing import NoReturn
 
 import faust
 
+from ops.heap import freeze_startup_heap
 from ops.logging import configure_logging
 from ops.settings import SECRET_FIELDS, Settings, load_settings
 from streams.app import FintideApp, create_app, worker_dir
@@ -70,6 +71,7 @@ def run_worker(settings: Settings, agent_modules: Sequence[str] | None = None) -
     worker = faust.Worker(app, loop=loop, quiet=True, redirect_stdouts=False, override_logging=False)
     # The terminal progress spinner writes escape codes to stdout even when quiet.
     worker.spinner = None
+    freeze_startup_heap()
     try:
         worker.execute_from_commandline()
     finally:
