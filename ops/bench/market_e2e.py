@@ -23,6 +23,9 @@ wall clock at generation, in --batch-ms batches. Each client records, for every 
 receives, now - event_ms, where event_ms is the event time of the earliest tick of that
 symbol in the batch that produced the update (an upper bound on the true tick-to-client
 latency). The first 5 s are discarded; p50/p99 are over every update of every client.
+Two stages are printed beside it: Kafka timestamp -> the worker taking the message up (the
+worker's consume-lag histogram), and tick event time -> the update's PUBLISH reaching a
+Redis subscriber in this process (everything before the API and its sockets).
 
 Figures are medians over --runs runs. Every process shares this machine's cores.
 """
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from redis.asyncio import Redis
 
 from ops.embedded import EmbeddedStack, free_port
 from ops.settings import Settings, load_settings
@@ -276,6 +280,10 @@ class LatencyRun:
     # in front of the worker.
     worker_lag_p50_ms: float = float("nan")
     worker_lag_p99_ms: float = float("nan")
+    # Tick event time -> the update's PUBLISH reaching a Redis subscriber in this process:
+    # everything up to the API (generator batch, Kafka, worker, fan-out).
+    redis_p50_ms: float = float("nan")
+    redis_p99_ms: float = float("nan")
 
 
 async def _lag_buckets(url: str) -> list[tuple[float, float]]:
@@ -302,6 +310,25 @@ def _bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float,
     return float("nan")
 
 
+async def _redis_listener(redis_url: str, samples: list[float], stop_at: float, measure_from: float) -> None:
+    """Receipt - event_ms of every update published on the market channels (services.market.channel)."""
+    redis = Redis.from_url(redis_url)
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.psubscribe("market:*")
+        while time.time() < stop_at:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            if message is None or message["type"] != "pmessage":
+                continue
+            received_ms = time.time() * 1000.0
+            event_ms = json.loads(message["data"]).get("event_ms")
+            if event_ms and received_ms / 1000.0 >= measure_from:
+                samples.append(received_ms - event_ms)
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+
+
 async def _client(url: str, symbols: list[str], samples: list[float], stop_at: float, measure_from: float) -> None:
     from websockets.asyncio.client import connect
 
@@ -317,6 +344,20 @@ async def _client(url: str, symbols: list[str], samples: list[float], stop_at: f
             event_ms = message.get("event_ms")
             if event_ms and received_ms / 1000.0 >= measure_from:
                 samples.append(received_ms - event_ms)
+
+
+async def _prime(settings: Settings, api: str, token: str, symbols: list[str], rate: float) -> None:
+    """Publish ticks until the API has market data for every symbol (the worker's group join
+    can take longer than any fixed wait)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    async with httpx.AsyncClient(base_url=api, timeout=10, headers={"Authorization": f"Bearer {token}"}) as client:
+        while True:
+            await generate(settings, symbols, min(rate, 5_000.0), 1.0)
+            r = await client.get("/api/v1/signals/live", params={"symbols": ",".join(symbols)})
+            if r.status_code == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"symbols still unknown to the API after {START_TIMEOUT_S} s: {r.text[:300]}")
 
 
 async def _new_user(api: str) -> str:
@@ -340,10 +381,10 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
     try:
         await _wait_http(worker_url + "/metrics", worker, "worker")
         await _wait_http(api_url + "/health", api, "api")
-        # Prime: a second of ticks so every symbol is known to the API, then the clients join.
-        await generate(settings, symbols, min(rate, 5_000.0), 2.0)
-        await asyncio.sleep(2.0)
+        # Prime: ticks until every symbol is known to the API, then the clients join (a
+        # client subscribing to a symbol with no data yet gets `unknown_symbol`, no updates).
         token = await _new_user(api_url)
+        await _prime(settings, api_url, token, symbols, rate)
         total = WARMUP_S + seconds
         generator = _spawn(settings, ["-m", "ops.bench.market_e2e", "_generate", "--rate", str(rate),
                                       "--seconds", str(total + 2), "--symbols", ",".join(symbols),
@@ -358,7 +399,9 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
             return await _lag_buckets(worker_url)
 
         lag_task = asyncio.create_task(lag_at_measure_start())
-        await asyncio.gather(*(_client(ws_url, symbols, samples, start + total, start + WARMUP_S)
+        redis_samples: list[float] = []
+        await asyncio.gather(_redis_listener(settings.redis_url, redis_samples, start + total, start + WARMUP_S),
+                             *(_client(ws_url, symbols, samples, start + total, start + WARMUP_S)
                                for _ in range(clients)))
         ticks_per_s = (await _ticks_processed(worker_url) - before) / (time.time() - start)
         lag_before, lag_after = await lag_task, await _lag_buckets(worker_url)
@@ -372,7 +415,12 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
     return LatencyRun(p50_ms=float(np.percentile(arr, 50)), p99_ms=float(np.percentile(arr, 99)),
                       max_ms=float(arr.max()), updates=len(samples), ticks_per_s=ticks_per_s,
                       worker_lag_p50_ms=_bucket_quantile(lag_before, lag_after, 0.5),
-                      worker_lag_p99_ms=_bucket_quantile(lag_before, lag_after, 0.99))
+                      worker_lag_p99_ms=_bucket_quantile(lag_before, lag_after, 0.99),
+                      redis_p50_ms=_percentile(redis_samples, 50), redis_p99_ms=_percentile(redis_samples, 99))
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(samples, q)) if samples else float("nan")
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -422,6 +470,8 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
               f"worker ticks/s {_median([r.ticks_per_s for r in lat]):,.0f}")
         print(f"  of which Kafka -> worker (consume lag): p50 {_median([r.worker_lag_p50_ms for r in lat]):.1f} ms, "
               f"p99 {_median([r.worker_lag_p99_ms for r in lat]):.1f} ms")
+        print(f"  tick -> Redis PUBLISH received (everything before the API): "
+              f"p50 {_median([r.redis_p50_ms for r in lat]):.1f} ms, p99 {_median([r.redis_p99_ms for r in lat]):.1f} ms")
 
 
 def _generate_main(argv: list[str]) -> None:
