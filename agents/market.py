@@ -980,9 +980,14 @@ async def run_group(app: FintideApp, engine: MarketEngine, conns: MarketConnecti
             batches.append((event, *decoded))
     results, failed = apply_group(engine, partition, batches)
     try:
+        # Live updates first, then one yield so the fan-out task hands them to Redis now
+        # rather than after this group's sends and write-back and the take's other groups
+        # (~5 ms at the median under load); the Kafka sends below are buffered anyway.
+        for result in results:
+            conns.submit(result.fanout)
+        await asyncio.sleep(0)
         for result in results:
             await emit(app, result)
-            conns.submit(result.fanout)
         for event, exc in failed:
             await dead_letter_event(app, TICKS, event, exc, TICKS_AGENT)
     finally:
