@@ -284,6 +284,8 @@ class LatencyRun:
     # everything up to the API (generator batch, Kafka, worker, fan-out).
     redis_p50_ms: float = float("nan")
     redis_p99_ms: float = float("nan")
+    # CPU time of the API process per update it delivered to a client over the measured window.
+    api_cpu_us_per_update: float = float("nan")
 
 
 async def _lag_buckets(url: str) -> list[tuple[float, float]]:
@@ -394,17 +396,19 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
         samples: list[float] = []
         ws_url = f"ws://127.0.0.1:{settings.api_port}/ws/signals/stream?token={token}"
 
-        async def lag_at_measure_start() -> list[tuple[float, float]]:
+        async def at_measure_start() -> tuple[list[tuple[float, float]], float]:
             await asyncio.sleep(WARMUP_S)
-            return await _lag_buckets(worker_url)
+            return await _lag_buckets(worker_url), _cpu_s(api.pid)
 
-        lag_task = asyncio.create_task(lag_at_measure_start())
+        lag_task = asyncio.create_task(at_measure_start())
         redis_samples: list[float] = []
         await asyncio.gather(_redis_listener(settings.redis_url, redis_samples, start + total, start + WARMUP_S),
                              *(_client(ws_url, symbols, samples, start + total, start + WARMUP_S)
                                for _ in range(clients)))
         ticks_per_s = (await _ticks_processed(worker_url) - before) / (time.time() - start)
-        lag_before, lag_after = await lag_task, await _lag_buckets(worker_url)
+        api_cpu_s = _cpu_s(api.pid)
+        lag_before, api_cpu_before = await lag_task
+        lag_after = await _lag_buckets(worker_url)
     finally:
         for proc in (generator, api, worker):
             if proc is not None:
@@ -416,7 +420,8 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
                       max_ms=float(arr.max()), updates=len(samples), ticks_per_s=ticks_per_s,
                       worker_lag_p50_ms=_bucket_quantile(lag_before, lag_after, 0.5),
                       worker_lag_p99_ms=_bucket_quantile(lag_before, lag_after, 0.99),
-                      redis_p50_ms=_percentile(redis_samples, 50), redis_p99_ms=_percentile(redis_samples, 99))
+                      redis_p50_ms=_percentile(redis_samples, 50), redis_p99_ms=_percentile(redis_samples, 99),
+                      api_cpu_us_per_update=(api_cpu_s - api_cpu_before) / max(len(samples), 1) * 1e6)
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -470,6 +475,7 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
               f"worker ticks/s {_median([r.ticks_per_s for r in lat]):,.0f}")
         print(f"  of which Kafka -> worker (consume lag): p50 {_median([r.worker_lag_p50_ms for r in lat]):.1f} ms, "
               f"p99 {_median([r.worker_lag_p99_ms for r in lat]):.1f} ms")
+        print(f"  API CPU per update delivered: {_median([r.api_cpu_us_per_update for r in lat]):.0f} us")
         print(f"  tick -> Redis PUBLISH received (everything before the API): "
               f"p50 {_median([r.redis_p50_ms for r in lat]):.1f} ms, p99 {_median([r.redis_p99_ms for r in lat]):.1f} ms")
 
