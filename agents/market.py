@@ -39,7 +39,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ from numba import njit
 from prometheus_client import Counter, Histogram
 
 from db import market as db
-from db.engine import create_pool, dsn_for
+from db.engine import TRANSIENT_ERRORS, create_pool, dsn_for
 from indicators import bars as bars_k
 from indicators import confidence as conf_k
 from indicators import outcomes as out_k
@@ -830,13 +830,17 @@ PERSIST_BARS_AGENT = "market.persist_bars"
 PERSIST_MAX = 2_000
 PERSIST_WITHIN_S = 0.25
 BARS_PERSIST_MAX = 200
-# A failing write is retried with doubling waits, then the worker stops (the supervisor
-# restarts it; the batch's offsets were not committed, so nothing is lost).
-PERSIST_ATTEMPTS = 8
+# A write failing for a transient reason (db.engine.TRANSIENT_ERRORS) is retried with
+# doubling waits for as long as it takes: the agent holds its take and Faust's bounded
+# buffer pauses consumption. It must not raise: Faust's take_events acknowledges a take's
+# messages when its generator closes, error or not, so a crashed take would be committed
+# unwritten. A batch PostgreSQL rejects for its data goes to the dead letters instead.
 PERSIST_FIRST_WAIT_S = 0.25
 PERSIST_MAX_WAIT_S = 8.0
 
 PERSISTED = Counter("fintide_market_persisted_total", "Rows written to PostgreSQL by the market agents.", ["table"])
+PERSIST_RETRIES = Counter("fintide_market_persist_retries_total",
+                          "Market persistence writes retried after a transient database failure.", ["what"])
 FANOUT_DROPPED = Counter("fintide_market_fanout_dropped_total", "Fan-out batches dropped (queue full or Redis down).")
 
 
@@ -1064,20 +1068,25 @@ def _install_persistence(app: FintideApp, conns: MarketConnections) -> None:
     async def persist_signals(stream: Any) -> None:
         async for events in stream.take_events(PERSIST_MAX, within=PERSIST_WITHIN_S):
             decoded = await decode_batch(app, SIGNALS, events, PERSIST_SIGNALS_AGENT)
-            signals = [e for e in decoded if isinstance(e, Signal)]
-            outcomes = [e for e in decoded if isinstance(e, SignalOutcome)]
-            await with_retries(functools.partial(write_signals, await conns.pool(), signals, outcomes), "signals")
+            signals = [value for _, value in decoded if isinstance(value, Signal)]
+            outcomes = [value for _, value in decoded if isinstance(value, SignalOutcome)]
+            write = functools.partial(write_signals, await conns.pool(), signals, outcomes)
+            await write_until_done(write, "signals", functools.partial(
+                dead_letter_all, app, SIGNALS, [event for event, _ in decoded], PERSIST_SIGNALS_AGENT))
 
     @app.agent(event_topic(app, BARS), name=PERSIST_BARS_AGENT)
     async def persist_bars(stream: Any) -> None:
         async for events in stream.take_events(BARS_PERSIST_MAX, within=PERSIST_WITHIN_S):
-            columns = []
-            for batch in await decode_batch(app, BARS, events, PERSIST_BARS_AGENT):
+            columns, written = [], []
+            for event, batch in await decode_batch(app, BARS, events, PERSIST_BARS_AGENT):
                 try:
                     columns.append(batch.columns())
+                    written.append(event)
                 except MalformedBatch as exc:
-                    log.warning("malformed bar batch skipped: %s", exc)
-            await with_retries(functools.partial(write_bars, await conns.pool(), columns), "bars")
+                    await dead_letter_event(app, BARS, event, exc, PERSIST_BARS_AGENT)
+            write = functools.partial(write_bars, await conns.pool(), columns)
+            await write_until_done(write, "bars", functools.partial(
+                dead_letter_all, app, BARS, written, PERSIST_BARS_AGENT))
 
 
 async def write_signals(pool: asyncpg.Pool, signals: list[Signal], outcomes: list[SignalOutcome]) -> None:
@@ -1092,15 +1101,16 @@ async def write_bars(pool: asyncpg.Pool, columns: list[Any]) -> None:
         await db.upsert_instruments(conn, columns)
 
 
-async def decode_batch(app: FintideApp, spec: Any, events: Sequence[Any], agent: str) -> list[Any]:
-    """Decode a take_events() batch; undecodable messages go to the topic's dead letters."""
+async def decode_batch(app: FintideApp, spec: Any, events: Sequence[Any], agent: str) -> list[tuple[Any, Any]]:
+    """Decode a take_events() batch into (event, value) pairs; undecodable messages go to
+    the topic's dead letters."""
     decoded = []
     for event in events:
         message = event.message
         try:
             if not message.value:
                 raise ValueError("message has no value")
-            decoded.append(spec.decode(message.value))
+            decoded.append((event, spec.decode(message.value)))
         except (*DecodeFailure, ValueError) as exc:
             record = dead_letter(spec.name, message.partition, message.offset, message.key, message.value, exc, agent)
             await dead_letter_topic(app, spec).send(key=message.key, value=encode_event(record))
@@ -1109,18 +1119,30 @@ async def decode_batch(app: FintideApp, spec: Any, events: Sequence[Any], agent:
     return decoded
 
 
-async def with_retries(write: Any, what: str) -> None:
-    wait_s = PERSIST_FIRST_WAIT_S
-    for attempt in range(1, PERSIST_ATTEMPTS + 1):
+async def write_until_done(write: Callable[[], Awaitable[None]], what: str,
+                           rejected: Callable[[Exception], Awaitable[None]],
+                           first_wait_s: float = PERSIST_FIRST_WAIT_S) -> None:
+    """Run `write` until it succeeds, waiting out transient database failures (see
+    PERSIST_FIRST_WAIT_S); a write PostgreSQL refuses for its data goes to `rejected` once."""
+    wait_s = first_wait_s
+    while True:
         try:
             await write()
             return
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if attempt == PERSIST_ATTEMPTS:
-                raise
-            log.warning("writing market %s failed (attempt %d), retrying in %.2f s: %s", what, attempt, wait_s, exc)
+        except TRANSIENT_ERRORS as exc:
+            PERSIST_RETRIES.labels(what).inc()
+            log.warning("writing market %s failed, retrying in %.2f s: %r", what, wait_s, exc)
             await asyncio.sleep(wait_s)
             wait_s = min(PERSIST_MAX_WAIT_S, wait_s * 2)
+        except asyncpg.PostgresError as exc:
+            log.error("PostgreSQL rejected a market %s batch; its messages are dead-lettered: %r", what, exc)
+            await rejected(exc)
+            return
+
+
+async def dead_letter_all(app: FintideApp, spec: Any, events: Sequence[Any], agent: str, exc: Exception) -> None:
+    for event in events:
+        await dead_letter_event(app, spec, event, exc, agent)
 
 
 def warm_up(config: EngineConfig) -> None:

@@ -15,6 +15,13 @@ SERVICES = ("identity", "accounts", "market", "trading", "payments", "fraud", "b
             "education", "notify", "audit", "marketing", "marketplace")
 POOL_MAX_SIZE = 20
 COMMAND_TIMEOUT_S = 30.0
+# "The database is away or dropped us": worth retrying the same statements later, unlike
+# an error about the data itself. InternalClientError is asyncpg's state after a
+# connection was terminated mid-operation.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.TransactionRollbackError)
 
 
 def dsn_for(database_url: str, service: str, environ: dict[str, str] | None = None) -> str:
