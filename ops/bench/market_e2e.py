@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -62,6 +62,10 @@ REPO = Path(__file__).resolve().parents[2]
 WARMUP_S = 5.0
 START_TIMEOUT_S = 90.0
 DEFAULT_PARTITIONS = 4
+
+
+# The embedded servers' process ids (set once the stack runs), for the CPU shares.
+STACK_PIDS: dict[str, int] = {}
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -286,6 +290,8 @@ class LatencyRun:
     redis_p99_ms: float = float("nan")
     # CPU time of the API process per update it delivered to a client over the measured window.
     api_cpu_us_per_update: float = float("nan")
+    # Cores each process used over the measured window (where the machine's 2 cores went).
+    cores: dict[str, float] = field(default_factory=dict)
 
 
 async def _lag_buckets(url: str) -> list[tuple[float, float]]:
@@ -396,9 +402,12 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
         samples: list[float] = []
         ws_url = f"ws://127.0.0.1:{settings.api_port}/ws/signals/stream?token={token}"
 
-        async def at_measure_start() -> tuple[list[tuple[float, float]], float]:
+        pids = {"worker": worker.pid, "api": api.pid, "generator": generator.pid, "this process (clients)": os.getpid(),
+                **STACK_PIDS}
+
+        async def at_measure_start() -> tuple[list[tuple[float, float]], dict[str, float], float]:
             await asyncio.sleep(WARMUP_S)
-            return await _lag_buckets(worker_url), _cpu_s(api.pid)
+            return await _lag_buckets(worker_url), {name: _cpu_s(pid) for name, pid in pids.items()}, time.time()
 
         lag_task = asyncio.create_task(at_measure_start())
         redis_samples: list[float] = []
@@ -406,8 +415,8 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
                              *(_client(ws_url, symbols, samples, start + total, start + WARMUP_S)
                                for _ in range(clients)))
         ticks_per_s = (await _ticks_processed(worker_url) - before) / (time.time() - start)
-        api_cpu_s = _cpu_s(api.pid)
-        lag_before, api_cpu_before = await lag_task
+        cpu_after, measured_until = {name: _cpu_s(pid) for name, pid in pids.items()}, time.time()
+        lag_before, cpu_before, measured_from = await lag_task
         lag_after = await _lag_buckets(worker_url)
     finally:
         for proc in (generator, api, worker):
@@ -421,7 +430,9 @@ async def latency_run(base: Settings, rate: float, clients: int, symbols: list[s
                       worker_lag_p50_ms=_bucket_quantile(lag_before, lag_after, 0.5),
                       worker_lag_p99_ms=_bucket_quantile(lag_before, lag_after, 0.99),
                       redis_p50_ms=_percentile(redis_samples, 50), redis_p99_ms=_percentile(redis_samples, 99),
-                      api_cpu_us_per_update=(api_cpu_s - api_cpu_before) / max(len(samples), 1) * 1e6)
+                      api_cpu_us_per_update=(cpu_after["api"] - cpu_before["api"]) / max(len(samples), 1) * 1e6,
+                      cores={name: (cpu_after[name] - cpu_before[name]) / (measured_until - measured_from)
+                             for name in pids})
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -475,6 +486,8 @@ async def _main(args: argparse.Namespace, base: Settings) -> None:
               f"worker ticks/s {_median([r.ticks_per_s for r in lat]):,.0f}")
         print(f"  of which Kafka -> worker (consume lag): p50 {_median([r.worker_lag_p50_ms for r in lat]):.1f} ms, "
               f"p99 {_median([r.worker_lag_p99_ms for r in lat]):.1f} ms")
+        print("  cores used over the measured window: " + ", ".join(
+            f"{name} {_median([r.cores[name] for r in lat]):.2f}" for name in lat[0].cores))
         print(f"  API CPU per update delivered: {_median([r.api_cpu_us_per_update for r in lat]):.0f} us")
         print(f"  tick -> Redis PUBLISH received (everything before the API): "
               f"p50 {_median([r.redis_p50_ms for r in lat]):.1f} ms, p99 {_median([r.redis_p99_ms for r in lat]):.1f} ms")
@@ -509,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fintide-bench-") as tmp:
         stack = EmbeddedStack(Path(tmp) / "stack").start()
+        STACK_PIDS.update({name: stack.server(server).proc.pid for name, server in  # type: ignore[union-attr]
+                           (("Tansu", "kafka"), ("PostgreSQL", "postgres"), ("Redis", "redis"))})
         try:
             from db.migrate import migrate_all
 
