@@ -4,21 +4,21 @@ Pipeline (docs/FRAUD.md has the picture):
 
 1. `fraud.payer` consumes `fraud.requests` (key: payer wallet) in `take_events` batches:
    one Numba call updates the payer rows of the batch and computes the payer features;
-   each payment's payee wallet, user, device and IP keys are hashed to their partitions,
-   and the payments are sent, one `EntityBatch` per partition, to the smallest of those
-   partitions on `fraud.by_entity` (the repartition that puts each of those rows on the
-   worker that owns its key).
-2. `fraud.entity` consumes `fraud.by_entity`: for the keys of its partition, one Numba
-   call updates the payee rows (fan-in) and one the user / device / IP rows; a payment
-   with keys on a larger partition goes on there (one `EntityBatch` per partition), the
-   others are scored, ruled and decided in one Numba call; it publishes a `RiskDecided`
-   per payment on `fraud.decisions` (key: payer wallet) and a `FraudAlert` per review or
-   block. A payment whose four keys share a partition is decided after one hop, as
-   before; keys on k partitions cost k hops. The alternative, sending each key's work to
-   its partition at once and joining the partial rows by payment id, is always two hops
-   but needs the join's pending rows in a changelogged table (a write and a tombstone per
-   payment, and a sweep for partials a redelivery orphans): it costs more per payment,
-   and per-payment Kafka work is what limits the scorer (docs/benchmarks/fraud.md).
+   each payment's payee wallet, user, device and IP keys are hashed to their partitions.
+   The keys on partitions this worker owns (all of them when one worker runs the
+   scorer) are updated at once, in payment order (one Numba call for the payees, one for
+   the users / devices / IPs), and a payment with no key left is decided there. The rest
+   go, one `EntityBatch` per partition, to the smallest partition still to visit on
+   `fraud.by_entity` (the keys already updated marked -1).
+2. `fraud.entity` consumes `fraud.by_entity`: it updates the keys on the batch's
+   partition and on any other it owns, then decides each payment or sends it on the
+   same way. A route key's update reads only the payment's own request columns, never
+   another key's features, so where it happens changes no value. The alternative,
+   sending each key's work to its partition at once and joining the partial rows by
+   payment id, is always two hops but needs the join's pending rows in a changelogged
+   table (a write and a tombstone per payment, and a sweep for partials a redelivery
+   orphans). Before keys were updated where they are owned, a single worker sent each
+   payment through 2.7 `fraud.by_entity` hops on average; see docs/benchmarks/fraud.md.
 3. `fraud.recorder` stores decisions in PostgreSQL (scores, the review queue);
    `fraud.alerts` stores alerts and fans them out on Redis to `WS /ws/fraud/alerts`;
    a leader-only timer re-publishes analysts' review decisions the API could not publish.
@@ -49,13 +49,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from faust.types import EventT, TopicT
+from faust import Event
+from faust.types import EventT, Message, TopicT
 from faust.web import Request, Response, View
 from mode import Service
 from prometheus_client import Counter, Gauge, Histogram
@@ -313,6 +314,7 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
     rules = RulesService(store)
     app.service(rules)
     by_entity = event_topic(app, BY_ENTITY)
+    stage = EntityStage(app, store, payees, entities, model, rules, by_entity)
 
     @app.agent(event_topic(app, REQUESTS), name=AGENT_PAYER)
     async def payer_stage(stream: Any) -> None:
@@ -335,7 +337,7 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
                     else:
                         valid.append((event, request))
             if valid:
-                pending += await score_payers(app, store, payers, by_entity, valid)
+                pending += await score_payers(stage, payers, valid)
             await asyncio.gather(*pending)
             EVENTS_PROCESSED.labels(REQUESTS.name, AGENT_PAYER).inc(len(valid))
             BATCH_SECONDS.labels("payer").observe(time.perf_counter() - started)
@@ -356,7 +358,7 @@ def _install_scorer(app: FintideApp, store: FraudStore) -> None:
                 except ValueError as exc:
                     pending.append(await reject_event(app, BY_ENTITY, event, exc, AGENT_ENTITY))
             if columns:
-                pending += await visit_entities(app, store, payees, entities, model, rules, by_entity, columns)
+                pending += await visit_entities(stage, columns)
             await asyncio.gather(*pending)
             EVENTS_PROCESSED.labels(BY_ENTITY.name, AGENT_ENTITY).inc(len(columns))
             BATCH_SECONDS.labels("entity").observe(time.perf_counter() - started)
@@ -389,6 +391,36 @@ def _key_events(keys: Sequence[str], events: Sequence[EventT]) -> tuple[list[str
 # The identity columns an EntityBatch carries (EntityBatch field names).
 ID_COLUMNS = ("request_ids", "payment_ids", "payer_wallet_ids", "payer_user_ids", "payee_wallet_ids",
               "device_ids", "ips", "currencies")
+NO_PARTITION = np.iinfo(np.int64).max
+
+
+class EntityStage:
+    """What updating route keys needs: the payee and entity tables, the model and rules,
+    fraud.by_entity, and this worker's share of its partitions."""
+
+    def __init__(self, app: FintideApp, store: FraudStore, payees: Any, entities: Any, model: scoring.Model,
+                 rules: RulesService, by_entity: TopicT) -> None:
+        self.app, self.store, self.payees, self.entities = app, store, payees, entities
+        self.model, self.rules, self.by_entity = model, rules, by_entity
+        self.topic_name = by_entity.get_topic_name()
+
+    def owned(self) -> frozenset[int]:
+        """fraud.by_entity partitions this worker owns as active: their payee and entity
+        rows are its own, so a stage updates them in place instead of sending payments
+        there through Kafka (Faust's assignor gives partition p of every 4-partition topic
+        to one worker, and one worker owns them all). Read per batch: a rebalance waits
+        for in-flight batches before partitions move."""
+        return frozenset(tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == self.topic_name)
+
+    def carriers(self, partitions: np.ndarray) -> dict[int, EventT]:
+        """A stand-in fraud.by_entity event per partition: Faust reads and writes a table
+        key in the RocksDB and changelog partition of the current event's message."""
+        return {p: partition_event(self.app, self.topic_name, p) for p in np.unique(partitions).tolist() if p >= 0}
+
+
+def partition_event(app: FintideApp, topic: str, partition: int) -> EventT:
+    message = Message(topic, partition, -1, time.time(), 0, None, None, None, None)
+    return Event(app, None, None, None, message)
 
 
 def route_partitions(requests: Sequence[ScoreRequested], n_partitions: int) -> np.ndarray:
@@ -403,10 +435,11 @@ def route_partitions(requests: Sequence[ScoreRequested], n_partitions: int) -> n
     return parts
 
 
-async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_entity: TopicT,
+async def score_payers(stage: EntityStage, table: Any,
                        batch: Sequence[tuple[EventT, ScoreRequested]]) -> list[Awaitable[Any]]:
-    """Payer features for a batch; rows written back; each payment sent on to the first
-    partition of its route (one EntityBatch per partition)."""
+    """Payer features for a batch; rows written back; the route keys on this worker's
+    partitions updated at once; each payment decided, or sent on to the first partition
+    of its route this worker does not own (one EntityBatch per partition)."""
     requests = [r for _, r in batch]
     keys, index, carriers = _key_events([r.payer_wallet_id for r in requests], [e for e, _ in batch])
     rows = np.empty((len(keys), ff.PAYER_WIDTH))
@@ -431,20 +464,49 @@ async def score_payers(app: FintideApp, store: FraudStore, table: Any, by_entity
     for i, r in enumerate(requests):
         hashes[i, 1] = scoring.stable_hash(r.payer_wallet_id)
         hashes[i, 2] = scoring.stable_hash(r.payer_user_id)
-    parts = route_partitions(requests, BY_ENTITY.partition_count(app.settings))
+    parts = route_partitions(requests, BY_ENTITY.partition_count(stage.app.settings))
     ids = {"request_ids": [r.id for r in requests], "payment_ids": [r.payment_id for r in requests],
            "payer_wallet_ids": [r.payer_wallet_id for r in requests],
            "payer_user_ids": [r.payer_user_id for r in requests],
            "payee_wallet_ids": [r.payee_wallet_id for r in requests], "device_ids": [r.device_id for r in requests],
            "ips": [r.ip for r in requests], "currencies": [r.currency for r in requests]}
-    first = np.where(parts >= 0, parts, np.iinfo(np.int64).max).min(axis=1)  # the payee is always there
-    return await forward_entities(store, by_entity, ids, cols.ts_ms, cols.amount, cols.failed, hashes, parts, x,
-                                  np.arange(n), first)
+    local = np.isin(parts, list(stage.owned())) & (parts >= 0)
+    return await advance(stage, RouteColumns(ids, cols.ts_ms, cols.amount, cols.failed, hashes, parts, x), local)
 
 
-async def forward_entities(store: FraudStore, by_entity: TopicT, ids: dict[str, list[str]], ts: np.ndarray,
-                           amount: np.ndarray, failed: np.ndarray, hashes: np.ndarray, parts: np.ndarray,
-                           x: np.ndarray, members: np.ndarray, dest: np.ndarray) -> list[Awaitable[Any]]:
+class RouteColumns(NamedTuple):
+    """Payments on their route: identities, request columns, the partition of each route
+    key still to update (-1: none, or already updated) and the feature rows so far."""
+    ids: dict[str, list[str]]
+    ts: np.ndarray
+    amount: np.ndarray
+    failed: np.ndarray
+    hashes: np.ndarray
+    parts: np.ndarray
+    x: np.ndarray
+
+
+async def advance(stage: EntityStage, cols: RouteColumns, local: np.ndarray) -> list[Awaitable[Any]]:
+    """Update the route keys marked `local` ([n, N_ROUTE]: on a partition this worker
+    owns), in payment order; decide the payments with no key left, send the others on to
+    their smallest remaining partition (the keys updated here marked -1, so no stage
+    updates them twice)."""
+    update_rows(stage, cols, local)
+    parts = np.where(local, -1, cols.parts)
+    later = np.where(parts >= 0, parts, NO_PARTITION).min(axis=1)
+    done = later == NO_PARTITION
+    pending = await forward_entities(stage.store, stage.by_entity, cols._replace(parts=parts),
+                                     np.flatnonzero(~done), later)
+    if done.any():
+        decided = np.flatnonzero(done)
+        ruleset = await stage.rules.current()
+        scored = scoring.decide(np.ascontiguousarray(cols.x[decided]), stage.model, ruleset)
+        pending += await publish_decisions(stage.app, stage.store, stage.model, ruleset, cols.ids, decided, scored)
+    return pending
+
+
+async def forward_entities(store: FraudStore, by_entity: TopicT, cols: RouteColumns, members: np.ndarray,
+                           dest: np.ndarray) -> list[Awaitable[Any]]:
     """Send payments `members` to partition `dest[i]` of fraud.by_entity, one EntityBatch
     (at most MAX_ENTITY_BATCH payments) per partition, in payment order."""
     pending = []
@@ -453,79 +515,75 @@ async def forward_entities(store: FraudStore, by_entity: TopicT, ids: dict[str, 
         for lo in range(0, len(group), MAX_ENTITY_BATCH):
             part = group[lo:lo + MAX_ENTITY_BATCH]
             chosen = part.tolist()
-            batch = entity_batch(int(partition), {name: [ids[name][i] for i in chosen] for name in ID_COLUMNS},
-                                 ts[part], amount[part], failed[part], hashes[part], parts[part], x[part])
+            batch = entity_batch(int(partition), {name: [cols.ids[name][i] for i in chosen] for name in ID_COLUMNS},
+                                 cols.ts[part], cols.amount[part], cols.failed[part], cols.hashes[part],
+                                 cols.parts[part], cols.x[part])
             pending.append(await store.send(by_entity, None, encode(batch), int(partition)))
     return pending
 
 
-async def visit_entities(app: FintideApp, store: FraudStore, payees: Any, entities: Any, model: scoring.Model,
-                         rules: RulesService, by_entity: TopicT,
+async def visit_entities(stage: EntityStage,
                          columns: Sequence[tuple[EventT, EntityBatch, EntityColumns]]) -> list[Awaitable[Any]]:
-    """Update the payee, user, device and IP rows whose keys hash to each batch's
-    partition, fill their feature columns; send each payment on to its next partition, or
-    decide it when this was the last."""
-    carriers_per_payment = [event for event, batch, _ in columns for _ in range(batch.count)]
+    """The payments of fraud.by_entity batches: their keys on this batch's partition, and
+    on any other this worker owns, updated; each payment then decided or sent on."""
     ids = {name: [v for _, batch, _ in columns for v in getattr(batch, name)] for name in ID_COLUMNS}
-    ts = np.concatenate([c.ts_ms for _, _, c in columns])
-    amount = np.concatenate([c.amount for _, _, c in columns])
-    failed = np.concatenate([c.failed for _, _, c in columns])
-    hashes = np.concatenate([c.hashes for _, _, c in columns])
-    parts = np.concatenate([c.partitions for _, _, c in columns])
-    x = np.concatenate([c.features for _, _, c in columns])
+    cols = RouteColumns(ids, np.concatenate([c.ts_ms for _, _, c in columns]),
+                        np.concatenate([c.amount for _, _, c in columns]),
+                        np.concatenate([c.failed for _, _, c in columns]),
+                        np.concatenate([c.hashes for _, _, c in columns]),
+                        np.concatenate([c.partitions for _, _, c in columns]),
+                        np.concatenate([c.features for _, _, c in columns]))
     here = np.concatenate([np.full(batch.count, batch.partition, dtype=np.int64) for _, batch, _ in columns])
-    at = parts == here[:, None]  # [n, N_ROUTE]: this partition's keys
+    local = (cols.parts == here[:, None]) | (np.isin(cols.parts, list(stage.owned())) & (cols.parts >= 0))
+    return await advance(stage, cols, local)
 
-    payee_i = np.flatnonzero(at[:, 0])
+
+def update_rows(stage: EntityStage, cols: RouteColumns, local: np.ndarray) -> None:
+    """Update the payee, user, device and IP rows of the `local` route keys (each in the
+    partition its key hashes to) and fill their feature columns. A row's update depends
+    only on the payment's own request columns, so keys of several partitions are updated
+    in one pass, in payment order."""
+    ids, x, parts = cols.ids, cols.x, cols.parts
+    carrier = stage.carriers(parts[local])
+    payee_i = np.flatnonzero(local[:, 0])
     if payee_i.size:
         keys, index, carriers = _key_events([ids["payee_wallet_ids"][i] for i in payee_i.tolist()],
-                                            [carriers_per_payment[i] for i in payee_i.tolist()])
+                                            [carrier[p] for p in parts[payee_i, 0].tolist()])
         rows = np.empty((len(keys), ff.PAYEE_WIDTH))
         for k, key in enumerate(keys):
             with acting_for(carriers[k]):
-                rows[k] = payee_row(payees.get(key))
+                rows[k] = payee_row(stage.payees.get(key))
         row_idx = np.fromiter((index[ids["payee_wallet_ids"][i]] for i in payee_i.tolist()), dtype=np.int64,
                               count=payee_i.size)
-        out, dup = scoring.run_payee(rows, row_idx, ts[payee_i], amount[payee_i], hashes[payee_i, 1],
-                                     hashes[payee_i, 0])
-        _write_back(payees, keys, carriers, rows, row_idx, dup, lambda key, row: payee_state(row))
+        out, dup = scoring.run_payee(rows, row_idx, cols.ts[payee_i], cols.amount[payee_i], cols.hashes[payee_i, 1],
+                                     cols.hashes[payee_i, 0])
+        _write_back(stage.payees, keys, carriers, rows, row_idx, dup, lambda key, row: payee_state(row))
         x[payee_i, rm.PAYEE_COL:rm.ENTITY_COL] = out
         if dup.any():
             REDELIVERED.labels("payee").inc(int(dup.sum()))
 
     # User, device and IP items, in payment order (then kind order): one row layout, one call.
-    item_pay, item_kind = np.nonzero(at[:, 1:])
+    item_pay, item_kind = np.nonzero(local[:, 1:])
     if item_pay.size:
         values = (ids["payer_user_ids"], ids["device_ids"], ids["ips"])
         item_keys = [entity_key(ff.ENTITY_KINDS[k], values[k][i])
                      for i, k in zip(item_pay.tolist(), item_kind.tolist(), strict=True)]
-        keys, index, carriers = _key_events(item_keys, [carriers_per_payment[i] for i in item_pay.tolist()])
+        keys, index, carriers = _key_events(item_keys, [carrier[p] for p in parts[item_pay, item_kind + 1].tolist()])
         rows = np.empty((len(keys), ff.ENTITY_WIDTH))
         for k, key in enumerate(keys):
             with acting_for(carriers[k]):
-                rows[k] = entity_row(entities.get(key))
+                rows[k] = entity_row(stage.entities.get(key))
         row_idx = np.fromiter((index[key] for key in item_keys), dtype=np.int64, count=len(item_keys))
         # What a row's distinct count counts: wallets for a user, users for a device or IP.
-        other_h = np.where(item_kind == 0, hashes[item_pay, 1], hashes[item_pay, 2])
-        out, dup = scoring.run_entity(rows, row_idx, ts[item_pay], amount[item_pay], failed[item_pay], other_h,
-                                      hashes[item_pay, 0])
-        _write_back(entities, keys, carriers, rows, row_idx, dup,
+        other_h = np.where(item_kind == 0, cols.hashes[item_pay, 1], cols.hashes[item_pay, 2])
+        out, dup = scoring.run_entity(rows, row_idx, cols.ts[item_pay], cols.amount[item_pay],
+                                      cols.failed[item_pay], other_h, cols.hashes[item_pay, 0])
+        _write_back(stage.entities, keys, carriers, rows, row_idx, dup,
                     lambda key, row: entity_state(key.split(":", 1)[0], row))
         first_col = np.asarray(rm.ENTITY_COLS, dtype=np.int64)[item_kind]
         x[item_pay[:, None], first_col[:, None] + np.arange(ff.N_ENTITY_FEATURES)] = out
         if dup.any():
             REDELIVERED.labels("entity").inc(int(dup.sum()))
-
-    later = np.where(parts > here[:, None], parts, np.iinfo(np.int64).max).min(axis=1)
-    done = later == np.iinfo(np.int64).max
-    pending = await forward_entities(store, by_entity, ids, ts, amount, failed, hashes, parts, x,
-                                     np.flatnonzero(~done), later)
-    if done.any():
-        decided = np.flatnonzero(done)
-        ruleset = await rules.current()
-        scored = scoring.decide(np.ascontiguousarray(x[decided]), model, ruleset)
-        pending += await publish_decisions(app, store, model, ruleset, ids, decided, scored)
-    return pending
 
 
 def _write_back(table: Any, keys: Sequence[str], carriers: Sequence[EventT], rows: np.ndarray, row_idx: np.ndarray,

@@ -4,7 +4,10 @@
 * Labelled simulator traffic replayed through Kafka gets, payment for payment, the score
   and decision the same kernels give offline (so the routes through the payee, user,
   device and IP partitions, the tables and the batching change nothing), and every
-  injected pattern is caught live.
+  injected pattern is caught live; a worker owning every partition sends nothing on
+  fraud.by_entity.
+* A payment another worker sent on (its keys already updated marked -1) gets only its
+  remaining keys updated, and is decided.
 * A rule over device and IP features catches one device and IP shared by several accounts.
 * Rule edits through the API take effect on the running worker, without a restart.
 * A redelivered request is answered again but counted once.
@@ -27,19 +30,30 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 from msgspec.structs import replace
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
+from indicators.risk_model import N_FEATURES
 from ops.embedded import EmbeddedStack
 from ops.settings import Settings
 from ops.simulate import PATTERNS, generate, publish_online
+from services.fraud import stable_hash
 from streams.codec import encode
-from streams.fraud import REQUESTS, ScoreBatch, alerts_channel
+from streams.fraud import (
+    BY_ENTITY,
+    REQUESTS,
+    ScoreBatch,
+    alerts_channel,
+    entity_batch,
+    entity_key,
+)
 from streams.publisher import EventPublisher
-from streams.topics import bootstrap_servers, dlq_name, full_name
+from streams.topics import bootstrap_servers, dlq_name, full_name, partition_for_key
 from tests.helpers.auth import LoggedIn, register_and_login
 from tests.integration.test_fraud_support import (
     Decisions,
@@ -108,6 +122,8 @@ async def test_live_decisions_equal_offline_and_every_pattern_is_caught(worker: 
     for name, figures in result["patterns"].items():
         assert figures["flagged_recall"] >= 0.6, (name, figures)
     assert result["normal_flag_rate"] <= 0.02, result
+    # One worker owns every partition: it updated every key in place, no payment took a hop.
+    assert await _messages(settings_, BY_ENTITY.name) == 0
 
 
 async def test_bad_requests_are_dead_lettered(worker: FraudWorker, settings_: Settings) -> None:
@@ -293,6 +309,35 @@ async def _open_review(client: httpx.AsyncClient, user: LoggedIn, payment_id: st
     return next((r for r in items if r["payment_id"] == payment_id), None)
 
 
+async def test_a_payment_sent_on_by_another_worker_updates_only_its_remaining_keys(
+        worker: FraudWorker, settings_: Settings) -> None:
+    """What a worker owning only some partitions sends on: an EntityBatch whose keys it
+    already updated are marked -1. This worker owns the rest and decides the payment."""
+    n = settings_.topic_partitions
+    payee, user, device, ip = "w-sent-on", "user-w-sent-on-payer", "d-sent-on", "10.0.7.7"
+    parts = np.array([[partition_for_key(payee, n), partition_for_key(entity_key("user", user), n),
+                       -1, partition_for_key(entity_key("ip", ip), n)]], dtype=np.int64)
+    here = int(parts[0, 0])
+    payment = f"pay-{uuid.uuid4().hex[:12]}"
+    ids = {"request_ids": [uuid.uuid4().hex], "payment_ids": [payment], "payer_wallet_ids": ["w-sent-on-payer"],
+           "payer_user_ids": [user], "payee_wallet_ids": [payee], "device_ids": [device], "ips": [ip],
+           "currencies": ["INR"]}
+    hashes = np.array([[stable_hash(payment), stable_hash("w-sent-on-payer"), stable_hash(user)]], dtype=np.int64)
+    batch = entity_batch(here, ids, np.array([T0 + 600_000]), np.array([1_234]), np.array([0]), hashes, parts,
+                         np.zeros((1, N_FEATURES)))
+    async with Decisions(settings_) as decisions, AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers(settings_)) as producer:
+        await producer.send_and_wait(full_name(settings_, BY_ENTITY.name), encode(batch), partition=here)
+        decided = await decisions.collect([payment])
+    assert decided[payment].payee_wallet_id == payee
+    payee_row = await get_json(f"{worker.url}/fraud/payees/{payee}")
+    assert payee_row is not None and payee_row["payments_received"] == 1
+    assert (await get_json(f"{worker.url}/fraud/entities/user:{user}"))["user_count_24h"] == 1
+    assert (await get_json(f"{worker.url}/fraud/entities/ip:{ip}"))["ip_count_24h"] == 1
+    # The device key was marked as updated by the sender: this worker does not count it again.
+    assert await get_json(f"{worker.url}/fraud/entities/device:{device}") is None
+
+
 # ----------------------------------------------------------------------------- state
 
 async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, settings_: Settings,
@@ -348,6 +393,19 @@ async def test_features_are_routed_and_survive_restarts(worker: FraudWorker, set
         assert ip["payments_seen"] == len(requests_) + 1
     finally:
         worker.proc = again.proc  # the fixture's teardown stops it
+
+
+async def _messages(settings: Settings, name: str) -> int:
+    """Messages ever written to topic `name` (the sum of its partitions' end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings))
+    await consumer.start()
+    try:
+        topic = full_name(settings, name)
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum((await consumer.end_offsets(tps)).values()) if tps else 0
+    finally:
+        await consumer.stop()
 
 
 async def raw_rows(url: str, keys: list[str]) -> dict[str, Any]:
