@@ -240,6 +240,15 @@ class TrialBalanceLine(msgspec.Struct, frozen=True):
 def _row(cls: type[Any], record: asyncpg.Record | None) -> Any:
     if record is None:
         return None
+    fields = cls.__struct_fields__
+    if tuple(record.keys()) == fields:
+        # The query returned the struct's columns in its order (SELECT * of its table, or its
+        # column list): positional construction costs ~0.5 us against ~5 us through a dict,
+        # and the saga builds ~13 rows per payment. A currency padded by char(n) takes the
+        # dict path below (ours have three letters and never are).
+        built = cls(*record)
+        if "currency" not in fields or not built.currency.endswith(" "):
+            return built
     values = dict(record)
     if "currency" in values:
         values["currency"] = values["currency"].strip()
@@ -387,7 +396,7 @@ WITH new_transactions AS (
     RETURNING 1
 ), new_outbox AS (
     INSERT INTO payments.outbox (topic, key, payload)
-    SELECT o.topic, o.key, o.payload::jsonb FROM unnest($12::text[], $13::text[], $14::text[]) AS o (topic, key, payload)
+    SELECT o.topic, o.key, o.payload FROM unnest($12::text[], $13::text[], $14::text[]) AS o (topic, key, payload)
     RETURNING 1
 )
 UPDATE payments.balances AS b
@@ -460,7 +469,7 @@ async def insert_outbox(conn: asyncpg.Connection, outbox: Sequence[OutboxMessage
     invariant(conn.is_in_transaction(), "outbox written outside a transaction")
     invariant(len(outbox) <= MAX_ROWS_PER_WRITE, "too many outbox rows in one write")
     if outbox:
-        await conn.execute("INSERT INTO payments.outbox (topic, key, payload) SELECT o.topic, o.key, o.payload::jsonb "
+        await conn.execute("INSERT INTO payments.outbox (topic, key, payload) SELECT o.topic, o.key, o.payload "
                            "FROM unnest($1::text[], $2::text[], $3::text[]) AS o (topic, key, payload)",
                            [m.topic for m in outbox], [m.key for m in outbox], [m.payload.decode() for m in outbox])
 

@@ -130,7 +130,7 @@ _ERROR_BY_REASON: Final[dict[str, type[PaymentsError]]] = {
 
 def derived_id(parent: UUID, purpose: str) -> UUID:
     """The id of an effect that belongs to another (a payment's hold, its capture, ...)."""
-    return uuid.uuid5(_DERIVED_NAMESPACE, f"{parent}:{purpose}")
+    return UUID(bytes=events.uuid5_bytes(_DERIVED_NAMESPACE, f"{parent}:{purpose}"))
 
 
 # ------------------------------------------------------------------------------ validation
@@ -810,7 +810,7 @@ async def _initiate_locked(conn: asyncpg.Connection, requests: Sequence[PaymentR
     rows = [_new_payment_row(requests[i], ok, at) for i, ok in fresh.values()]
     created = {p.id: p for p in await db.insert_payments(conn, rows)}
     await db.insert_outbox(conn, events.payment_envelopes(
-        [m for p in created.values() for m in (events.payment_event(p, "initiated"), events.payment_event(p))]))
+        [m for p in created.values() for m in events.payment_events(p, ("initiated", p.status))]))
     for i in candidates:
         pid = requests[i].payment_id
         if results[i] is None:
@@ -971,6 +971,8 @@ async def settle_risk(conn: asyncpg.Connection, outcomes: Sequence[RiskOutcome])
     pending = list(range(len(outcomes)))
     latest: dict[UUID, Payment | db.PaymentHead] = {}
     for _ in range(MAX_RISK_ROUNDS):
+        if not pending:
+            break
         latest.update(await db.payment_heads(conn, {outcomes[i].payment_id for i in pending}))
         chosen: dict[UUID, int] = {}
         for i in pending:
@@ -1033,10 +1035,11 @@ async def _settle_locked(conn: asyncpg.Connection, todo: list[RiskOutcome],
         if p.id in plan.captured:
             # Every step is an event, in saga order: consumers and WebSocket clients see
             # posted before completed although one transaction recorded both.
-            if seen[p.id].status != "risk_assessed":
-                messages.append(events.payment_event(p, "risk_assessed"))
-            messages.append(events.payment_event(p, "posted"))
-        messages.append(events.payment_event(p))
+            steps = ("posted", "completed") if seen[p.id].status == "risk_assessed" \
+                else ("risk_assessed", "posted", "completed")
+            messages += events.payment_events(p, steps)
+        else:
+            messages.append(events.payment_event(p))
     await db.insert_outbox(conn, events.payment_envelopes(messages))
     return {p.id: p for p in updated}
 

@@ -296,7 +296,7 @@ async def test_payment_saga_steps_and_full_capture(conn: asyncpg.Connection) -> 
     completed = await payments.advance_payment(conn, pid, "completed")
     assert [s["status"] for s in completed.steps] == ["initiated", "funds_reserved", "risk_assessed", "posted", "completed"]
     assert (await available(conn, payer.id), await available(conn, payee.id)) == (300, 700)
-    topics = await conn.fetch("SELECT payload->>'type' AS type FROM payments.outbox WHERE topic = 'payments.events' ORDER BY id")
+    topics = await conn.fetch("SELECT payload::jsonb->>'type' AS type FROM payments.outbox WHERE topic = 'payments.events' ORDER BY id")
     assert [r["type"] for r in topics] == ["payment.initiated", "payment.funds_reserved", "payment.risk_assessed",
                                            "payment.posted", "payment.completed"]
 

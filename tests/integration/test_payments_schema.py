@@ -88,6 +88,42 @@ async def test_journal_rejects_unbalanced_or_appended_legs(conn: asyncpg.Connect
                            existing, fees, a.id)
 
 
+async def test_statement_level_reference_checks_refuse_what_the_foreign_keys_refused(conn: asyncpg.Connection) -> None:
+    """Migration 0003 replaced per-row foreign keys on legs, holds and payments with one
+    check per statement: a row naming a missing account, currency, hold or transaction is
+    still refused, and the rows references point at can no longer be deleted or re-keyed."""
+    a, b = await funded_wallet(conn, 1_000), await funded_wallet(conn, 0)
+    assert a.owner_id is not None
+    missing = uuid.uuid4()
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="names no transaction"):
+        await conn.execute("INSERT INTO payments.legs (transaction_id, account_id, currency, amount_minor, account_seq, "
+                           "balance_after_minor) VALUES ($1, $2, 'INR', 5, 90, 5), ($1, $3, 'INR', -5, 90, 0)",
+                           missing, a.id, b.id)
+    hold_sql = ("INSERT INTO payments.holds (id, account_id, currency, amount_minor, expires_at) "
+                "VALUES ($1, $2, $3, 10, now() + interval '1 hour')")
+    for account, currency in ((missing, "INR"), (a.id, "USD")):
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="hold .* does not exist"):
+            await conn.execute(hold_sql, uuid.uuid4(), account, currency)
+    hold = await payments.reserve(conn, hold_id=uuid.uuid4(), account_id=a.id, amount_minor=100, currency="INR")
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="hold .* does not exist"):
+        await conn.execute("UPDATE payments.holds SET status = 'posted', posted_minor = 1, resolved_at = now(), "
+                           "transaction_id = $2, destination_account_id = $3 WHERE id = $1", hold.id, missing, b.id)
+    payment_sql = ("INSERT INTO payments.payments (id, payer_id, from_account_id, to_account_id, currency, amount_minor, "
+                   "status, hold_id) VALUES ($1, $2, $3, $4, 'INR', 10, 'funds_reserved', $5)")
+    for to_account, hold_id in ((missing, hold.id), (b.id, missing)):
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="payment .* does not exist"):
+            await conn.execute(payment_sql, uuid.uuid4(), a.owner_id, a.id, to_account, hold_id)
+    pid = uuid.uuid4()
+    await conn.execute(payment_sql, pid, a.owner_id, a.id, b.id, hold.id)
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="payment .* does not exist"):
+        await conn.execute("UPDATE payments.payments SET hold_id = $2 WHERE id = $1", pid, missing)
+    for sql in ("DELETE FROM payments.accounts WHERE id = $1", "UPDATE payments.accounts SET currency = 'USD' WHERE id = $1"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="referenced by the ledger"):
+            await conn.execute(sql, a.id)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="referenced by the ledger"):
+        await conn.execute("TRUNCATE payments.holds")  # no foreign key refuses it any more
+
+
 async def test_non_overdraft_balance_cannot_go_below_zero_counting_holds(conn: asyncpg.Connection) -> None:
     a = await funded_wallet(conn, 1_000)
     with pytest.raises(asyncpg.CheckViolationError, match="balances_available_not_negative"):
@@ -248,10 +284,11 @@ async def test_migration_0002_moves_jsonb_step_histories_into_columns(database_u
         assert await migrate(url, old_root, services={"payments"}) == ["foundation/0001_schemas", "payments/0001_ledger"]
         conn = await asyncpg.connect(url)
         try:
-            payer, payee = await funded_wallet(conn, 1_000), await funded_wallet(conn, 0)
+            # Raw rows: today's code writes the schema of the latest migration, not 0001's.
+            payer, payee = [await db.insert_wallet(conn, uuid.uuid4(), uuid.uuid4(), "INR") for _ in range(2)]
+            assert payer is not None and payee is not None
             capture = uuid.uuid4()
-            await payments.transfer(conn, TransferRequest(id=capture, from_account_id=payer.id,
-                                                          to_account_id=payee.id, amount_minor=700, currency="INR"))
+            await conn.execute("INSERT INTO payments.transactions (id, kind) VALUES ($1, 'payment')", capture)
             t0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
             def at(s: int) -> str:
@@ -277,7 +314,8 @@ async def test_migration_0002_moves_jsonb_step_histories_into_columns(database_u
                     700 if done else 0, None if done else "insufficient_funds", json.dumps(steps), t0)
         finally:
             await conn.close()
-        assert await migrate(url, services={"payments"}) == ["payments/0002_payment_step_columns"]
+        assert await migrate(url, services={"payments"}) == ["payments/0002_payment_step_columns",
+                                                            "payments/0003_statement_level_checks"]
         conn = await asyncpg.connect(url)
         try:
             migrated = await db.get_payments(conn, ids.values())
